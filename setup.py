@@ -1,0 +1,44 @@
+"""Packaging for t2i-distill: the `kernels` (Triton ops) and `t2i_distill` (FLUX integration, CLI) packages."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+# torch: a range that the CPU wheel on the CI disk (2.13.0) and the GPU image (2.11) both satisfy, with an upper
+# bound so that pip never replaces an installed torch with a newer (multi-GB CUDA) build. Install torch first
+# (`scripts/setup_env.sh` does): an installed torch in range is always kept.
+INSTALL_REQUIRES = [
+    "torch>=2.11,<2.14",
+    "triton>=3.6; platform_system == 'Linux'",
+    "numpy>=1.24",
+    "diffusers>=0.42,<0.43",
+    "transformers>=4.51",
+    "accelerate>=1.0",
+    "datasets>=3.0",
+    "safetensors>=0.4",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": ["pytest>=8.0", "pytest-benchmark>=5.0", "ruff>=0.6"],
+    "bench": ["pytest-benchmark>=5.0", "matplotlib>=3.8"],
+    "deepspeed": ["deepspeed>=0.17"],
+    # flash-attn builds against CUDA; it is optional everywhere and never required.
+    "flash": ["flash-attn>=2.6"],
+}
+
+setup(
+    name="t2i-distill",
+    version="0.1.0",
+    description="Few-step sCM/MeanFlow distillation of FLUX with fused Triton JVP kernels",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["kernels", "t2i_distill"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["t2i-distill=t2i_distill.cli:main"]},
+)

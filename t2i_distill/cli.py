@@ -1,0 +1,72 @@
+"""The ``t2i-distill`` command line.
+
+``t2i-distill env``   versions, the GPU (or "none"), and whether kernels run compiled or interpreted.
+``t2i-distill demo``  the main job on an embedded default, no downloads: parity + benchmark report on a tiny FLUX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _enable_interpreter_without_gpu() -> bool:
+    """Turn on Triton's interpreter when there is no GPU, before any kernel module is imported.
+
+    Returns True when this call switched it on. Kernel modules already imported keep their mode, so this must run
+    first thing in a command that launches kernels.
+    """
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"):
+        return False
+    if "kernels.gated_residual" in sys.modules:
+        raise RuntimeError("kernels were imported before the interpreter could be enabled; set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from t2i_distill import env
+
+    print(env.format_env(env.collect()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if _enable_interpreter_without_gpu():
+        print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
+    import torch
+
+    from t2i_distill.report import run_report
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = run_report(device, None if args.out == "-" else Path(args.out), repeats=args.repeats)
+    return 0 if result["passed"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i-distill", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_env = sub.add_parser("env", help="print versions, the GPU and the kernel execution mode")
+    p_env.set_defaults(func=_cmd_env)
+
+    p_demo = sub.add_parser("demo", help="parity + benchmark report on an embedded tiny FLUX (no downloads)")
+    p_demo.add_argument("--out", default="t2i-distill-report.json",
+                        help="where to write the JSON report ('-' for none; default: %(default)s)")
+    p_demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p_demo.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
+    p_demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""What this process can run: package versions, the GPU, and whether kernels run compiled or interpreted."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+#: Distributions reported by ``t2i-distill env`` (import name differs from the distribution for none of these).
+REPORTED_PACKAGES = (
+    "torch", "triton", "diffusers", "transformers", "accelerate", "datasets", "safetensors", "deepspeed", "flash-attn",
+    "pytest-benchmark",
+)
+
+
+def package_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def gpu_name() -> str:
+    """The first CUDA device's name, or ``"none"``."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+
+def kernel_execution() -> tuple[str, str]:
+    """``(mode, explanation)`` for the Triton kernels as imported in this process.
+
+    The mode is read off an imported kernel object, because Triton fixes compiled-vs-interpreted when a kernel module
+    is imported (``TRITON_INTERPRET`` at that moment), not when it runs.
+    """
+    from kernels import _runtime
+    from kernels.gated_residual import _gated_residual_fwd_kernel
+
+    mode = _runtime.kernel_mode(_gated_residual_fwd_kernel)
+    if mode == "unavailable":
+        return "unavailable", "triton is not importable: pip install 'triton>=3.6' (Linux)"
+    if mode == "interpreted":
+        return "interpreted", "TRITON_INTERPRET=1: kernels run on the CPU through Triton's interpreter (slow; fp32)"
+    if torch.cuda.is_available():
+        return "compiled", f"Triton compiles the kernels for {gpu_name()}"
+    return "unavailable", "compiled mode but no GPU: set TRITON_INTERPRET=1 before importing to run on the CPU"
+
+
+def collect() -> dict[str, object]:
+    """Everything ``t2i-distill env`` prints, as a dict (also embedded in every report's JSON)."""
+    mode, explanation = kernel_execution()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: package_version(name) for name in REPORTED_PACKAGES},
+        "cuda": torch.version.cuda or "none",
+        "gpu": gpu_name(),
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "kernel_mode": mode,
+        "kernel_mode_detail": explanation,
+    }
+
+
+def format_env(info: dict[str, object]) -> str:
+    lines = [f"python       {info['python']} ({info['platform']})"]
+    for name, version in info["packages"].items():  # type: ignore[union-attr]
+        lines.append(f"{name:<12} {version}")
+    lines.append(f"cuda         {info['cuda']}")
+    lines.append(f"gpu          {info['gpu']}" + (f" (x{info['gpu_count']})" if info["gpu_count"] else ""))
+    lines.append(f"kernels      {info['kernel_mode']}: {info['kernel_mode_detail']}")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""Input factories shared by the kernel tests: odd shapes, strided layouts, and the float64 truth."""
+
+from __future__ import annotations
+
+import torch
+
+#: Layouts every elementwise kernel is tested on. "transposed" builds (…, N, D) as a transpose of (…, D, N);
+#: "sliced" takes every other element of a wider tensor along the last dim (last stride 2).
+LAYOUTS = ("contiguous", "transposed", "sliced")
+
+
+def make(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, layout: str = "contiguous",
+         scale: float = 1.0) -> torch.Tensor:
+    """A random normal tensor of ``shape`` laid out as ``layout`` (values do not depend on the layout)."""
+    base = (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    if layout == "contiguous":
+        out = base
+    elif layout == "transposed":
+        out = base.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "sliced":
+        wide = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype, device=device)
+        wide[..., ::2] = base
+        out = wide[..., ::2]
+    else:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout != "contiguous" and len(shape) > 1 and max(shape[-2:]) > 1:
+        assert not out.is_contiguous()
+    return out
+
+
+def f64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Float64 copies (the truth is computed from the very values the low-precision run saw)."""
+    return [None if t is None else t.detach().to(torch.float64) for t in tensors]
+
+
+def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Detached copies that require grad, keeping each tensor's strides."""
+    return [t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in tensors]
