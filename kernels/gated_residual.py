@@ -17,8 +17,11 @@ API:
   (x, tx, y, ty read once each), for hand-written dual forwards. ``out`` is differentiable (backward as above);
   ``tout`` is marked non-differentiable: sCM and MeanFlow never differentiate a tangent.
 
-Inside ``torch.func`` transforms the launchers are ``torch.library`` custom ops, which is how this file avoids
-functorch's "Cannot access storage of TensorWrapper": see :mod:`kernels._custom_ops`.
+``torch.func`` and "Cannot access storage of TensorWrapper": inside ``torch.func.jvp`` the Function's ``jvp`` (and,
+under ``torch.func.grad``, its ``backward``) receives functorch-wrapped tensors that have no storage, so a Triton launch
+on them fails. Every launcher below is therefore a ``torch.library`` custom op (``@kernel_op``): the dispatcher unwraps
+the functorch levels before the op body runs, so Triton only sees plain tensors, and re-wraps the results. Details
+and the rejected alternative (manual unwrapping with private functorch APIs) in :mod:`kernels._custom_ops`.
 
 Limits: one floating dtype per call (fp16, bf16, fp32; fp64 for tests); any strides (no copies; a unit last stride
 is what makes the loads coalesced); outputs are row-major. The backward reduces ``dgate`` deterministically (per-tile
