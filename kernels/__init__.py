@@ -11,21 +11,56 @@ PyPI package ``kernels``; do not install both into one environment.
 
 from kernels import reference
 from kernels._runtime import HAS_TRITON, KernelUnavailableError
+from kernels.attention import AttentionFunction, AttentionJVPFunction, attention, attention_jvp
 from kernels.gated_residual import (
     GatedResidualFunction,
     GatedResidualJVPFunction,
     gated_residual,
     gated_residual_jvp,
 )
+from kernels.gelu_tanh import GeluTanhFunction, GeluTanhJVPFunction, gelu_tanh, gelu_tanh_jvp
+from kernels.layer_norm_modulate import (
+    LayerNormModulateFunction,
+    LayerNormModulateJVPFunction,
+    layer_norm_modulate,
+    layer_norm_modulate_jvp,
+)
+from kernels.qk_norm_rope import QKNormRoPEFunction, QKNormRoPEJVPFunction, qk_norm_rope, qk_norm_rope_jvp
+from kernels.rms_norm import RMSNormFunction, RMSNormJVPFunction, rms_norm, rms_norm_jvp
+from kernels.rope import RoPEFunction, RoPEJVPFunction, rope, rope_jvp
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionFunction",
+    "AttentionJVPFunction",
     "HAS_TRITON",
     "GatedResidualFunction",
     "GatedResidualJVPFunction",
+    "GeluTanhFunction",
+    "GeluTanhJVPFunction",
     "KernelUnavailableError",
+    "LayerNormModulateFunction",
+    "LayerNormModulateJVPFunction",
+    "QKNormRoPEFunction",
+    "QKNormRoPEJVPFunction",
+    "RMSNormFunction",
+    "RMSNormJVPFunction",
+    "RoPEFunction",
+    "RoPEJVPFunction",
+    "attention",
+    "attention_jvp",
     "gated_residual",
     "gated_residual_jvp",
+    "gelu_tanh",
+    "gelu_tanh_jvp",
+    "layer_norm_modulate",
+    "layer_norm_modulate_jvp",
+    "qk_norm_rope",
+    "qk_norm_rope_jvp",
     "reference",
+    "rms_norm",
+    "rms_norm_jvp",
+    "rope",
+    "rope_jvp",
 ]

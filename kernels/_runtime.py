@@ -53,6 +53,8 @@ class _MissingTritonObject:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # `@triton.jit` and `@triton.jit(...)` must succeed at import time: return a kernel stand-in.
+        if self._name.endswith(".constexpr"):  # module-level constants such as `LOG2E = tl.constexpr(...)`
+            return args[0] if args else None
         if self._name.endswith(".jit"):
             if len(args) == 1 and callable(args[0]) and not kwargs:
                 return _MissingKernel(args[0].__name__, self._error)

@@ -36,3 +36,10 @@ def f64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Detached copies that require grad, keeping each tensor's strides."""
     return [t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in tensors]
+
+
+def rope_tables(n: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (N, D) as FLUX builds them: one random angle per pair, repeated for both members of the pair."""
+    angles = torch.randn(n, d // 2, dtype=torch.float64) * 3
+    return (angles.cos().repeat_interleave(2, dim=1).to(device=device, dtype=dtype),
+            angles.sin().repeat_interleave(2, dim=1).to(device=device, dtype=dtype))

@@ -43,12 +43,17 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads(out_path.read_text())
     assert report["passed"] is True
-    quantities = {p["quantity"] for p in report["parity"]}
-    assert {"out", "dx", "dgate", "dy", "tangent (torch.func.jvp)", "tangent (forward_ad)"} <= quantities
+    checked = {(p["op"], p["quantity"]) for p in report["parity"]}
+    for op, quantities in {
+        "gated_residual": ("out", "dx", "dgate", "dy", "tangent (torch.func.jvp)", "tangent (forward_ad)"),
+        "attention": ("out (attention_jvp)", "tangent (attention_jvp)", "tangent (torch.func.jvp)",
+                      "tangent (forward_ad)", "dq", "dk", "dv"),
+    }.items():
+        assert {(op, q) for q in quantities} <= checked
     assert report["reference_model"]["jvp_over_forward"] > 1.0  # the reference JVP is slower than its forward
-    assert {(r["mode"], r["provider"]) for r in report["timings"]} == {
-        (m, p) for m in ("fwd", "fwd+jvp", "fwd+bwd") for p in ("reference", "ours")
-    }
+    timed = {(r["op"], r["mode"], r["provider"]) for r in report["timings"]}
+    assert {("attention", "fwd+jvp", "reference"), ("attention", "fwd+jvp", "ours"),
+            ("gated_residual", "fwd+bwd", "ours")} <= timed
     if not HAS_CUDA:
         assert "not GPU speed" in printed and "not GPU speed" in report["timings_note"]
 
