@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -37,7 +37,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["kernels", "t2i_distill"],
+    # The two top-level packages and their subpackages (t2i_distill.models, ...).
+    packages=find_packages(include=["kernels", "kernels.*", "t2i_distill", "t2i_distill.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["t2i-distill=t2i_distill.cli:main"]},

@@ -42,12 +42,25 @@ def test_ci_runs_the_readme_test_command():
     assert "bash scripts/demo.sh" in readme
 
 
-def test_setup_declares_the_two_packages_and_a_torch_range_that_keeps_the_installed_build():
+def test_setup_pins_a_torch_range_that_keeps_the_installed_build():
     text = (REPO / "setup.py").read_text()
-    assert 'packages=["kernels", "t2i_distill"]' in text
     assert '"torch>=2.11,<2.14"' in text
     import torch
     from packaging.specifiers import SpecifierSet
 
     installed = torch.__version__.split("+")[0]
     assert installed in SpecifierSet(">=2.11,<2.14"), f"installed torch {installed} is outside setup.py's range"
+
+
+def test_the_wheel_ships_every_module_of_both_packages(tmp_path):
+    """A non-editable install must contain kernels/ and t2i_distill/ with all their subpackages."""
+    import zipfile
+
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("t2i_distill-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {str(p.relative_to(REPO)) for pkg in ("kernels", "t2i_distill") for p in (REPO / pkg).rglob("*.py")}
+    assert expected <= shipped, f"missing from the wheel: {sorted(expected - shipped)}"
+    assert not any(name.startswith(("tests/", "bench/")) for name in shipped)
