@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8.0", "pytest-benchmark>=5.0", "ruff>=0.6"],
+    "dev": ["pytest>=8.0", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8"],
     "bench": ["pytest-benchmark>=5.0", "matplotlib>=3.8"],
     "deepspeed": ["deepspeed>=0.17"],
     # flash-attn builds against CUDA; it is optional everywhere and never required.

@@ -1,18 +1,19 @@
-"""Attention: ours (fused JVP, primal, backward) vs SDPA and vs math SDPA under torch.func.jvp (the reference).
-Cases and FLOP counts: t2i_distill.kernel_checks."""
+"""attention: ours vs the reference per mode (and SDPA / torch.compile / anchors where they apply).
+
+Cases, shapes and the FLOP/byte count of one call: `t2i_distill.benchmarks.ops.OPS["attention"]`.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conftest import HAS_CUDA, MODES_AND_PROVIDERS
-from t2i_distill.kernel_checks import attention_timing_cases
+from bench.conftest import COMPILE, DEVICE_SHAPES
+from t2i_distill.benchmarks.ops import OPS, op_case_pairs
 
-# FLUX attention (24 heads × 128) at 512 px and 1024 px; a tiny shape under the interpreter.
-SHAPES = [(2, 24, 1536, 128), (1, 24, 4608, 128)] if HAS_CUDA else [(1, 2, 80, 32)]
+SPEC = OPS["attention"]
 
 
-@pytest.mark.parametrize("mode, provider", MODES_AND_PROVIDERS["attention"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode, provider", op_case_pairs(SPEC, COMPILE))
+@pytest.mark.parametrize("shape", DEVICE_SHAPES(SPEC), ids=str)
 def test_attention(run_case, shape, mode, provider):
-    run_case(attention_timing_cases, shape, mode, provider)
+    run_case(SPEC, shape, mode, provider)

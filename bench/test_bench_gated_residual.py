@@ -1,17 +1,19 @@
-"""Gated residual: ours vs the eager PyTorch reference per mode (cases and byte counts: t2i_distill.kernel_checks)."""
+"""gated_residual: ours vs the reference per mode (and SDPA / torch.compile / anchors where they apply).
+
+Cases, shapes and the FLOP/byte count of one call: `t2i_distill.benchmarks.ops.OPS["gated_residual"]`.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conftest import HAS_CUDA, MODES_AND_PROVIDERS
-from t2i_distill.kernel_checks import gated_residual_timing_cases
+from bench.conftest import COMPILE, DEVICE_SHAPES
+from t2i_distill.benchmarks.ops import OPS, op_case_pairs
 
-# FLUX's hidden states at 512 px (B=2) and 1024 px; a tiny shape under the interpreter.
-SHAPES = [(2, 1536, 3072), (1, 4608, 3072)] if HAS_CUDA else [(2, 80, 64)]
+SPEC = OPS["gated_residual"]
 
 
-@pytest.mark.parametrize("mode, provider", MODES_AND_PROVIDERS["gated_residual"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode, provider", op_case_pairs(SPEC, COMPILE))
+@pytest.mark.parametrize("shape", DEVICE_SHAPES(SPEC), ids=str)
 def test_gated_residual(run_case, shape, mode, provider):
-    run_case(gated_residual_timing_cases, shape, mode, provider)
+    run_case(SPEC, shape, mode, provider)

@@ -1,20 +1,19 @@
-"""GELU-tanh: ours vs the eager reference (and torch.compile of it on GPUs) per mode.
+"""gelu_tanh: ours vs the reference per mode (and SDPA / torch.compile / anchors where they apply).
 
-Cases and byte formulas (each input read once, each output written once): :mod:`bench.row_op_cases`.
+Cases, shapes and the FLOP/byte count of one call: `t2i_distill.benchmarks.ops.OPS["gelu_tanh"]`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conftest import HAS_CUDA
-from bench.row_op_cases import gelu_tanh_timing_cases, modes_and_providers
+from bench.conftest import COMPILE, DEVICE_SHAPES
+from t2i_distill.benchmarks.ops import OPS, op_case_pairs
 
-# The FF hidden activation (B, L, 4D) at 512 px (B=2) and 1024 px; tiny under the interpreter.
-SHAPES = [(2, 1536, 12288), (1, 4352, 12288)] if HAS_CUDA else [(2, 17, 96)]
+SPEC = OPS["gelu_tanh"]
 
 
-@pytest.mark.parametrize("mode, provider", modes_and_providers(HAS_CUDA))
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode, provider", op_case_pairs(SPEC, COMPILE))
+@pytest.mark.parametrize("shape", DEVICE_SHAPES(SPEC), ids=str)
 def test_gelu_tanh(run_case, shape, mode, provider):
-    run_case(gelu_tanh_timing_cases, shape, mode, provider)
+    run_case(SPEC, shape, mode, provider)

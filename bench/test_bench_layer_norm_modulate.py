@@ -1,20 +1,19 @@
-"""LayerNorm + AdaLN modulation: ours vs the eager reference (and torch.compile of it on GPUs) per mode.
+"""layer_norm_modulate: ours vs the reference per mode (and SDPA / torch.compile / anchors where they apply).
 
-Cases and byte formulas (each input read once, each output written once): :mod:`bench.row_op_cases`.
+Cases, shapes and the FLOP/byte count of one call: `t2i_distill.benchmarks.ops.OPS["layer_norm_modulate"]`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conftest import HAS_CUDA
-from bench.row_op_cases import layer_norm_modulate_timing_cases, modes_and_providers
+from bench.conftest import COMPILE, DEVICE_SHAPES
+from t2i_distill.benchmarks.ops import OPS, op_case_pairs
 
-# FLUX's hidden states at 512 px (B=2) and 1024 px; tiny under the interpreter.
-SHAPES = [(2, 1536, 3072), (1, 4608, 3072)] if HAS_CUDA else [(2, 17, 48)]
+SPEC = OPS["layer_norm_modulate"]
 
 
-@pytest.mark.parametrize("mode, provider", modes_and_providers(HAS_CUDA))
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode, provider", op_case_pairs(SPEC, COMPILE))
+@pytest.mark.parametrize("shape", DEVICE_SHAPES(SPEC), ids=str)
 def test_layer_norm_modulate(run_case, shape, mode, provider):
-    run_case(layer_norm_modulate_timing_cases, shape, mode, provider)
+    run_case(SPEC, shape, mode, provider)

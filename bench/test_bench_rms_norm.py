@@ -1,20 +1,19 @@
-"""RMSNorm: ours vs the eager reference (and torch.compile of it on GPUs) per mode.
+"""rms_norm: ours vs the reference per mode (and SDPA / torch.compile / anchors where they apply).
 
-Cases and byte formulas (each input read once, each output written once): :mod:`bench.row_op_cases`.
+Cases, shapes and the FLOP/byte count of one call: `t2i_distill.benchmarks.ops.OPS["rms_norm"]`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conftest import HAS_CUDA
-from bench.row_op_cases import modes_and_providers, rms_norm_timing_cases
+from bench.conftest import COMPILE, DEVICE_SHAPES
+from t2i_distill.benchmarks.ops import OPS, op_case_pairs
 
-# FLUX's qk-norm at 1024 px (B·H·N = 104k rows of D = 128) and a hidden-width norm; tiny under the interpreter.
-SHAPES = [(1, 24, 4352, 128), (2, 4608, 3072)] if HAS_CUDA else [(2, 3, 17, 128)]
+SPEC = OPS["rms_norm"]
 
 
-@pytest.mark.parametrize("mode, provider", modes_and_providers(HAS_CUDA))
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode, provider", op_case_pairs(SPEC, COMPILE))
+@pytest.mark.parametrize("shape", DEVICE_SHAPES(SPEC), ids=str)
 def test_rms_norm(run_case, shape, mode, provider):
-    run_case(rms_norm_timing_cases, shape, mode, provider)
+    run_case(SPEC, shape, mode, provider)

@@ -1,20 +1,19 @@
-"""RoPE: ours vs the eager reference (and torch.compile of it on GPUs) per mode.
+"""rope: ours vs the reference per mode (and SDPA / torch.compile / anchors where they apply).
 
-Cases and byte formulas (each input read once, each output written once): :mod:`bench.row_op_cases`.
+Cases, shapes and the FLOP/byte count of one call: `t2i_distill.benchmarks.ops.OPS["rope"]`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conftest import HAS_CUDA
-from bench.row_op_cases import modes_and_providers, rope_timing_cases
+from bench.conftest import COMPILE, DEVICE_SHAPES
+from t2i_distill.benchmarks.ops import OPS, op_case_pairs
 
-# Q at 1024 px, (B, H, N, D); tiny under the interpreter.
-SHAPES = [(1, 24, 4352, 128)] if HAS_CUDA else [(1, 2, 17, 32)]
+SPEC = OPS["rope"]
 
 
-@pytest.mark.parametrize("mode, provider", modes_and_providers(HAS_CUDA))
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode, provider", op_case_pairs(SPEC, COMPILE))
+@pytest.mark.parametrize("shape", DEVICE_SHAPES(SPEC), ids=str)
 def test_rope(run_case, shape, mode, provider):
-    run_case(rope_timing_cases, shape, mode, provider)
+    run_case(SPEC, shape, mode, provider)

@@ -2,6 +2,7 @@
 
 ``t2i-distill env``   versions, the GPU (or "none"), and whether kernels run compiled or interpreted.
 ``t2i-distill demo``  the main job on an embedded default, no downloads: parity + benchmark report on a tiny FLUX.
+``t2i-distill steps`` student-step benchmarks (reference vs patched vs dual) at a chosen width, depth, resolution.
 """
 
 from __future__ import annotations
@@ -47,6 +48,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
+def _cmd_steps(args: argparse.Namespace) -> int:
+    if _enable_interpreter_without_gpu():
+        print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
+    import json
+
+    import torch
+
+    from t2i_distill.benchmarks.runner import timing_rows, timing_table
+    from t2i_distill.benchmarks.steps import StepConfig, step_timing_cases
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for method in args.method:
+        cfg = StepConfig(method=method, width=args.width, double=args.double, single=args.single,
+                         resolution=args.resolution, batch=args.batch, text_tokens=args.text_tokens)
+        rows += timing_rows(step_timing_cases(cfg, device, dtype, providers=tuple(args.providers)), device,
+                            repeats=args.repeats)
+    print(timing_table(rows, interpreted=device.type != "cuda"))
+    if args.out != "-":
+        Path(args.out).write_text(json.dumps({"device": str(device), "rows": rows}, indent=2, default=str))
+        print(f"JSON written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i-distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p_demo.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
     p_demo.set_defaults(func=_cmd_demo)
+
+    p_steps = sub.add_parser("steps", help="student-step benchmarks: reference vs patched vs dual forward")
+    p_steps.add_argument("--method", nargs="+", default=["scm", "meanflow"], choices=["scm", "meanflow"])
+    p_steps.add_argument("--width", default="tiny", choices=["tiny", "lite8b"],
+                         help="tiny FLUX or FLUX.1-lite-8B block width (random weights either way)")
+    p_steps.add_argument("--double", type=int, default=1, help="double-stream blocks (the student: 8)")
+    p_steps.add_argument("--single", type=int, default=1, help="single-stream blocks (the student: 38)")
+    p_steps.add_argument("--resolution", type=int, default=64, help="image side in pixels (16 px per token side)")
+    p_steps.add_argument("--text-tokens", type=int, default=16)
+    p_steps.add_argument("--batch", type=int, default=1)
+    p_steps.add_argument("--providers", nargs="+", default=["reference", "patched", "dual"],
+                         choices=["reference", "patched", "dual"])
+    p_steps.add_argument("--repeats", type=int, default=3)
+    p_steps.add_argument("--device", default=None)
+    p_steps.add_argument("--out", default="-", help="JSON path ('-': none)")
+    p_steps.set_defaults(func=_cmd_steps)
     return parser
 
 

@@ -16,11 +16,19 @@ def test_cpu_smoke_writes_parity_and_timings(tmp_path, capsys):
     assert gpu_check.main(["--cpu-smoke", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["passed"] and result["gpu"].startswith("none")
-    assert {r["quantity"] for r in result["parity"]} >= {"tangent (attention_jvp)", "tangent (torch.func.jvp)",
-                                                          "dq", "dk", "dv"}
-    providers = {(r["mode"], r["provider"]) for r in result["timings"]}
-    assert ("fwd+jvp", "reference") in providers and ("fwd+jvp", "ours") in providers
-    assert all(r["error"] is None for r in result["timings"]), result["timings"]
+    from t2i_distill.benchmarks.ops import OPS
+
+    checked = {(r["op"], r["quantity"]) for r in result["parity"]}
+    for name, spec in OPS.items():  # every kernel: output, tangent through the three front ends, every gradient
+        assert {(name, "out"), (name, "tangent (torch.func.jvp)"), (name, "tangent (forward_ad)")} <= checked
+    assert {("attention", q) for q in ("dq", "dk", "dv", "tangent (attention_jvp)")} <= checked
+    timed = {(r["op"], r["mode"], r["provider"]) for r in result["timings"]}
+    assert {(name, mode, provider) for name in OPS for mode in ("fwd", "fwd+jvp", "fwd+bwd")
+            for provider in ("reference", "ours")} <= timed
+    assert all(r["error"] is None for r in result["timings"] + result["steps"]), result["timings"]
+    assert {(r["mode"], r["provider"]) for r in result["steps"]} >= {("step", "reference"), ("step", "dual"),
+                                                                      ("jvp", "patched")}
+    assert result["headline"], "the short table printed last"
     assert "interpreted timings say nothing about GPU speed" in capsys.readouterr().out
 
 
@@ -29,3 +37,15 @@ def test_without_gpu_the_full_check_refuses_politely(capsys):
         pytest.skip("a GPU is present")
     assert gpu_check.main([]) == 2
     assert "--cpu-smoke" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png_from_the_json(tmp_path):
+    from bench import plot
+
+    out = tmp_path / "check.json"
+    if torch.cuda.is_available():
+        pytest.skip("the CPU smoke run is GPU-free only")
+    assert gpu_check.main(["--cpu-smoke", "--skip-steps", "--out", str(out)]) == 0
+    png = tmp_path / "check.png"
+    assert plot.main([str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from t2i_distill import cli
 from tests.conftest import HAS_CUDA
@@ -43,17 +44,20 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads(out_path.read_text())
     assert report["passed"] is True
+    from t2i_distill.benchmarks.ops import OPS
+
     checked = {(p["op"], p["quantity"]) for p in report["parity"]}
-    for op, quantities in {
-        "gated_residual": ("out", "dx", "dgate", "dy", "tangent (torch.func.jvp)", "tangent (forward_ad)"),
-        "attention": ("out (attention_jvp)", "tangent (attention_jvp)", "tangent (torch.func.jvp)",
-                      "tangent (forward_ad)", "dq", "dk", "dv"),
-    }.items():
-        assert {(op, q) for q in quantities} <= checked
-    assert report["reference_model"]["jvp_over_forward"] > 1.0  # the reference JVP is slower than its forward
-    timed = {(r["op"], r["mode"], r["provider"]) for r in report["timings"]}
-    assert {("attention", "fwd+jvp", "reference"), ("attention", "fwd+jvp", "ours"),
-            ("gated_residual", "fwd+bwd", "ours")} <= timed
+    for op, spec in OPS.items():  # every kernel, every front end, every gradient
+        grads = {("d" + spec.arg_names[i]) for i in spec.make(spec.cpu_shapes[0], torch.device("cpu"),
+                                                              torch.float32, torch.Generator()).grad_idx}
+        quantities = {"out", f"tangent ({op}_jvp)", "tangent (torch.func.jvp)", "tangent (forward_ad)"} | grads
+        assert {(op, q) for q in quantities} <= checked, sorted(quantities - {q for o, q in checked if o == op})
+    timed = {(r["op"], r["mode"], r["provider"]) for r in report["kernel_timings"]}
+    assert {(op, m, p) for op in OPS for m in ("fwd", "fwd+jvp", "fwd+bwd") for p in ("reference", "ours")} <= timed
+    steps = {(r["op"].split()[0], r["mode"], r["provider"]) for r in report["steps"]}
+    assert {(method, "step", provider) for method in ("scm", "meanflow")
+            for provider in ("reference", "patched", "dual")} <= steps
+    assert all(ratio > 1.0 for ratio in report["reference_jvp_over_forward"].values())  # the reference JVP's cost
     if not HAS_CUDA:
         assert "not GPU speed" in printed and "not GPU speed" in report["timings_note"]
 
