@@ -102,7 +102,7 @@ def _attn_fwd_inner(
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_K
-        k = tl.load(K_BH + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        k = _load_rows(K_BH, offs_n, stride_kn, offs_d, mask_n)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         if FIXED_LSE:
@@ -117,10 +117,7 @@ def _attn_fwd_inner(
                 acc_t = acc_t * alpha[:, None]
                 mu_i = mu_i * alpha
             m_i = m_new
-        v = _pv_operand(
-            tl.load(V_BH + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None], other=0.0),
-            PV_DTYPE, ROUND_F16,
-        )
+        v = _pv_operand(_load_rows(V_BH, offs_n, stride_vn, offs_d, mask_n), PV_DTYPE, ROUND_F16)
         p_op = _pv_operand(p, PV_DTYPE, ROUND_F16)
         acc_o = tl.dot(p_op, v, acc_o, input_precision=INPUT_PRECISION)
         if WANT_TANGENT:
@@ -129,18 +126,13 @@ def _attn_fwd_inner(
                 if HAS_TQ:
                     ts = tl.dot(tq, tl.trans(k), ts, input_precision=INPUT_PRECISION)
                 if HAS_TK:
-                    tk = tl.load(TK_BH + offs_n[:, None] * stride_tkn + offs_d[None, :], mask=mask_n[:, None],
-                                 other=0.0)
+                    tk = _load_rows(TK_BH, offs_n, stride_tkn, offs_d, mask_n)
                     ts = tl.dot(q, tl.trans(tk), ts, input_precision=INPUT_PRECISION)
                 p_ts = p * (ts * sm_scale)
                 mu_i += tl.sum(p_ts, 1)
                 acc_t = tl.dot(_pv_operand(p_ts, PV_DTYPE, ROUND_F16), v, acc_t, input_precision=INPUT_PRECISION)
             if HAS_TV:
-                tv = _pv_operand(
-                    tl.load(TV_BH + offs_n[:, None] * stride_tvn + offs_d[None, :], mask=mask_n[:, None],
-                            other=0.0),
-                    PV_DTYPE, ROUND_F16,
-                )
+                tv = _pv_operand(_load_rows(TV_BH, offs_n, stride_tvn, offs_d, mask_n), PV_DTYPE, ROUND_F16)
                 acc_t = tl.dot(p_op, tv, acc_t, input_precision=INPUT_PRECISION)
     return acc_o, acc_t, m_i, l_i, mu_i
 
@@ -148,6 +140,22 @@ def _attn_fwd_inner(
 @triton.jit
 def _count_non_finite(x):
     return tl.sum(tl.where(tl.abs(x) < float("inf"), 0, 1))
+
+
+@triton.jit
+def _tile_coords(N, H, BLOCK: tl.constexpr):
+    """(batch, head, first row) of this program on a 1-D grid of B·H·cdiv(N, BLOCK) row tiles, tiles of one head
+    adjacent (they share that head's K/V, or Q/dO, in L2); int64 batch and head for the stride products."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(N, BLOCK)
+    bh = pid // num_tiles
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), (pid % num_tiles) * BLOCK, bh.to(tl.int64)
+
+
+@triton.jit
+def _load_rows(BASE, offs, stride_row, offs_d, mask):
+    """A (rows, HEAD_DIM) tile of a head's rows (unit stride along D); masked rows read as 0."""
+    return tl.load(BASE + offs[:, None] * stride_row + offs_d[None, :], mask=mask[:, None], other=0.0)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K"])
@@ -175,22 +183,14 @@ def _attn_fwd_kernel(
     (FIXED_LSE, WRITE_TO). Programs are ordered query-block-fastest so neighbours share a head's K/V in L2.
     """
     WANT_TANGENT: tl.constexpr = WRITE_TO
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
+    b, h, start_m, bh = _tile_coords(N_Q, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < N_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m)
     tq = q
     if WANT_TANGENT and HAS_TQ:
-        tq = tl.load(TQ + b * stride_tqb + h * stride_tqh + offs_m[:, None] * stride_tqn + offs_d[None, :],
-                     mask=mask_m[:, None], other=0.0)
+        tq = _load_rows(TQ + b * stride_tqb + h * stride_tqh, offs_m, stride_tqn, offs_d, mask_m)
     K_BH = K + b * stride_kb + h * stride_kh
     V_BH = V + b * stride_vb + h * stride_vh
     TK_BH = TK + b * stride_tkb + h * stride_tkh
@@ -201,7 +201,7 @@ def _attn_fwd_kernel(
     acc_t = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     mu_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if FIXED_LSE:
-        m_i = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=mask_m, other=0.0) * LOG2E
+        m_i = tl.load(LSE + bh * N_Q + offs_m, mask=mask_m, other=0.0) * LOG2E
         l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -239,7 +239,7 @@ def _attn_fwd_kernel(
         tl.store(TOUT + out_offs, to.to(TOUT.dtype.element_ty), mask=mask_m[:, None])
     if WRITE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log
-        tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
+        tl.store(LSE + bh * N_Q + offs_m, lse, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=["N_Q"])
@@ -280,30 +280,23 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV for one BLOCK_N block of keys, looping over all query blocks (P recomputed from the LSE)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N_K, BLOCK_N)
-    bh = pid // num_n
-    start_n = (pid % num_n) * BLOCK_N
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, start_n, bh = _tile_coords(N_K, H, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_n = offs_n < N_K
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n)
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     Q_BH = Q + b * stride_qb + h * stride_qh
     DO_BH = DO + b * stride_dob + h * stride_doh
-    row = bh.to(tl.int64) * N_Q
+    row = bh * N_Q
     for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_Q
-        q = tl.load(Q_BH + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-        do = tl.load(DO_BH + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        q = _load_rows(Q_BH, offs_m, stride_qn, offs_d, mask_m)
+        do = _load_rows(DO_BH, offs_m, stride_don, offs_d, mask_m)
         lse2 = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0) * LOG2E
         delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M) = Sᵀ
@@ -333,20 +326,13 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one BLOCK_M block of queries, looping over all key blocks."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, start_m, bh = _tile_coords(N_Q, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < N_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=mask_m[:, None], other=0.0)
-    row = bh.to(tl.int64) * N_Q
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m)
+    row = bh * N_Q
     lse2 = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0) * LOG2E
     delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
     qk_scale = sm_scale * LOG2E
@@ -356,8 +342,8 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_K
-        k = tl.load(K_BH + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(V_BH + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        k = _load_rows(K_BH, offs_n, stride_kn, offs_d, mask_n)
+        v = _load_rows(V_BH, offs_n, stride_vn, offs_d, mask_n)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.where(mask_n[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
