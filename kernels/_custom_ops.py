@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["LIBRARY", "kernel_op"]
+__all__ = ["LIBRARY", "grad_or_placeholder", "kernel_op"]
 
 #: The ``torch.library`` namespace of every kernel op (``torch.ops.t2i_kernels.<name>``).
 LIBRARY = "t2i_kernels"
@@ -44,3 +44,9 @@ def kernel_op(name: str, fake: Callable[..., object]) -> Callable[[Callable[...,
         return op
 
     return decorate
+
+
+def grad_or_placeholder(like: torch.Tensor, needed: bool) -> torch.Tensor:
+    """An uninitialised gradient shaped like ``like``, or an empty (0,) placeholder when it is not needed: custom ops
+    cannot return None, so backward ops return this and the autograd Function maps placeholders back to None."""
+    return torch.empty(like.shape if needed else (0,), dtype=like.dtype, device=like.device)

@@ -36,7 +36,7 @@ import torch
 
 from kernels import reference
 from kernels._checks import FLOAT_DTYPES, InputChecks
-from kernels._custom_ops import kernel_op
+from kernels._custom_ops import grad_or_placeholder, kernel_op
 from kernels._runtime import check_launchable, tl, triton
 from kernels._utils import accumulator_dtype, elementwise_tile
 
@@ -260,8 +260,7 @@ def _gated_residual_fwd_jvp(
 
 
 def _fake_bwd(grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, need_dy: bool, need_dgate: bool):
-    dy = torch.empty(y.shape if need_dy else (0,), dtype=y.dtype, device=y.device)
-    dgate = torch.empty(gate.shape if need_dgate else (0,), dtype=gate.dtype, device=gate.device)
+    dy, dgate = grad_or_placeholder(y, need_dy), grad_or_placeholder(gate, need_dgate)
     return dy, dgate
 
 

@@ -43,7 +43,7 @@ import torch
 
 from kernels import reference
 from kernels._checks import FLOAT_DTYPES, InputChecks, describe
-from kernels._custom_ops import kernel_op
+from kernels._custom_ops import grad_or_placeholder, kernel_op
 from kernels._runtime import check_launchable, tl, triton
 from kernels._utils import accumulator_dtype, reduction_split, row_tile
 from kernels.rms_norm import check_eps
@@ -326,10 +326,8 @@ def _layer_norm_modulate_fwd_jvp(
 
 def _fake_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
               need_dx: bool, need_dscale: bool, need_dshift: bool):
-    def grad_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
-        return torch.empty(t.shape if needed else (0,), dtype=t.dtype, device=t.device)
-
-    return grad_like(x, need_dx), grad_like(scale, need_dscale), grad_like(shift, need_dshift)
+    return (grad_or_placeholder(x, need_dx), grad_or_placeholder(scale, need_dscale),
+            grad_or_placeholder(shift, need_dshift))
 
 
 @kernel_op("layer_norm_modulate_bwd", _fake_bwd)

@@ -41,7 +41,7 @@ import torch
 
 from kernels import reference
 from kernels._checks import FLOAT_DTYPES, InputChecks
-from kernels._custom_ops import kernel_op
+from kernels._custom_ops import grad_or_placeholder, kernel_op
 from kernels._runtime import check_launchable, tl, triton
 from kernels._utils import (
     accumulator_dtype,
@@ -296,8 +296,7 @@ def _rms_norm_fwd_jvp(
 
 def _fake_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, need_dx: bool,
               need_dweight: bool):
-    dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
-    dweight = torch.empty(weight.shape if need_dweight else (0,), dtype=weight.dtype, device=weight.device)
+    dx, dweight = grad_or_placeholder(x, need_dx), grad_or_placeholder(weight, need_dweight)
     return dx, dweight
 
 
