@@ -3,6 +3,7 @@
 ``t2i-distill env``   versions, the GPU (or "none"), and whether kernels run compiled or interpreted.
 ``t2i-distill demo``  the main job on an embedded default, no downloads: parity + benchmark report on a tiny FLUX.
 ``t2i-distill steps`` student-step benchmarks (reference vs patched vs dual) at a chosen width, depth, resolution.
+``t2i-distill tiny``  write a tiny random FLUX pipeline folder that diffusers loads offline (tests, demo, examples).
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_steps.add_argument("--device", default=None)
     p_steps.add_argument("--out", default="-", help="JSON path ('-': none)")
     p_steps.set_defaults(func=_cmd_steps)
+
+    from t2i_distill import tiny_pipeline
+
+    tiny_pipeline.add_subparser(sub)
     return parser
 
 
