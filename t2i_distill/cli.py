@@ -3,6 +3,7 @@
 ``t2i-distill env``   versions, the GPU (or "none"), and whether kernels run compiled or interpreted.
 ``t2i-distill demo``  the main job on an embedded default, no downloads: parity + benchmark report on a tiny FLUX.
 ``t2i-distill steps`` student-step benchmarks (reference vs patched vs dual) at a chosen width, depth, resolution.
+``t2i-distill train scm|meanflow``  distillation (flags: ``t2i-distill train scm --help``).
 ``t2i-distill tiny``  write a tiny random FLUX pipeline folder that diffusers loads offline (tests, demo, examples).
 """
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i-distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("train", help="sCM or MeanFlow distillation: t2i-distill train scm|meanflow --help", add_help=False)
     p_env = sub.add_parser("env", help="print versions, the GPU and the kernel execution mode")
     p_env.set_defaults(func=_cmd_env)
 
@@ -111,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer owns its (long) flag list and --config handling
+        from t2i_distill.training.trainer import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

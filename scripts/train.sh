@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Launch `t2i-distill train scm|meanflow` on one or many nodes through torchrun (one process per GPU).
+#
+#   bash scripts/train.sh scm --pretrained_model_name_or_path DIR --train_data_dir IMAGES ...      # this node's GPUs
+#   NPROC_PER_NODE=1 bash scripts/train.sh meanflow ...                                              # one GPU
+#   NNODES=4 NODE_RANK=$i MASTER_ADDR=host0 MASTER_PORT=29500 bash scripts/train.sh scm ...          # 4 nodes, on each
+#
+# Node/process semantics (the reference read WORLD_SIZE as the node count, H4): NNODES is the number of machines,
+# NODE_RANK this machine's index, NPROC_PER_NODE the processes (GPUs) per machine (default: the GPUs nvidia-smi lists,
+# else 1). torchrun then sets WORLD_SIZE = NNODES × NPROC_PER_NODE, RANK and LOCAL_RANK for every process, which is
+# what the trainer reads. Extra environment: T2I_PYTHON (the Python with this project installed; default: python),
+# RDZV_TIMEOUT (seconds, default 1800). Everything after the method goes to the trainer unchanged.
+set -euo pipefail
+if [[ $# -lt 1 || ( "$1" != "scm" && "$1" != "meanflow" ) ]]; then
+  echo "usage: [NNODES=N NODE_RANK=i MASTER_ADDR=host MASTER_PORT=port NPROC_PER_NODE=g] bash scripts/train.sh scm|meanflow [trainer flags]" >&2
+  exit 2
+fi
+method="$1"; shift
+py="${T2I_PYTHON:-python}"
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [[ "$NPROC_PER_NODE" -ge 1 ]] || NPROC_PER_NODE=1
+fi
+nnodes="${NNODES:-1}"
+node_rank="${NODE_RANK:-0}"
+if [[ "$nnodes" -gt 1 && -z "${MASTER_ADDR:-}" ]]; then
+  echo "NNODES=$nnodes needs MASTER_ADDR (the address of node 0) and MASTER_PORT" >&2
+  exit 2
+fi
+exec "$py" -m torch.distributed.run \
+  --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$NPROC_PER_NODE" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
+  --rdzv-conf="timeout=${RDZV_TIMEOUT:-1800}" \
+  -m t2i_distill.cli train "$method" "$@"

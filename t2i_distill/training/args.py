@@ -1,0 +1,276 @@
+"""Command-line flags of ``t2i-distill train scm|meanflow``: the reference's flag names (reference-spec §1.1–1.2), so
+its scripts port over, plus the fork's own (backend, JVP mode, EMA, data sources, cache, validation, NaN guard).
+
+``--config FILE`` (YAML or JSON, a mapping of flag names without ``--``) may set any flag; flags on the command line
+win over the file. An unknown key in the file, an unknown flag, or a contradictory combination is an error naming the
+flag. Differences from the reference's parser, each on purpose:
+
+* ``--prodigy_*`` booleans parse "false"/"0"/"no" as False (the reference's ``type=bool`` made every value True, B13);
+* ``--validation_prompts`` (nargs +) is used (the reference declares its validation flags and never uses them);
+* the reference's ``--ds_file`` is kept as an alias of ``--deepspeed_config``;
+* ``--seed 0`` is a seed (the reference's inference treated 0 as "unseeded").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+__all__ = ["METHODS", "build_parser", "parse_args", "str2bool"]
+
+METHODS = ("scm", "meanflow")
+BACKENDS = ("auto", "single", "ddp", "fsdp2", "deepspeed")
+JVP_MODES = ("dual", "func", "reference")
+
+
+def str2bool(value: str | bool) -> bool:
+    """'true'/'1'/'yes'/'on' → True, 'false'/'0'/'no'/'off' → False (case-insensitive); anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="diffusers FLUX folder or hub id (teacher, student init, text encoders, VAE); required")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+    g.add_argument("--cache_dir", default=None, help="hub cache folder (passed to from_pretrained)")
+    g.add_argument("--rescaled_checkpoint_path", default=None,
+                   help="the ×1 (rescaled) teacher checkpoint (.pt {'module': sd} or .safetensors) loaded into teacher "
+                        "and student; without it the folder's weights are used as they are")
+    g.add_argument("--time_scale", type=float, default=1.0,
+                   help="time/guidance input scale of teacher and student (1.0: the reference's ×1 models)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None,
+                   help="hub id (loaded only when named), or a local imagefolder / parquet / arrow / .tar path or glob")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--train_data_dir", default=None, help="a local imagefolder (metadata.jsonl/.csv captions)")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text", help="caption column (the reference's data: 'llava')")
+    g.add_argument("--max_train_samples", type=_positive_int, default=None)
+    g.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
+    g.add_argument("--cached_dataset", default=None,
+                   help="a cache written by `t2i-distill cache`: no text encoder or VAE is loaded")
+    g.add_argument("--resolution", type=_positive_int, default=512)
+    g.add_argument("--max_sequence_length", type=_positive_int, default=256, help="T5 tokens")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=_positive_int, default=4, help="micro-batch per process")
+    g.add_argument("--num_train_epochs", type=_positive_int, default=1)
+    g.add_argument("--max_train_steps", type=_positive_int, default=None,
+                   help="optimizer steps (overrides --num_train_epochs)")
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each block in the backward (never switched on unless asked, unlike B4)")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true", help="lr × accumulation × batch × processes")
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                            "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--optimizer", default="adamw", type=str.lower, choices=["adamw", "prodigy"])
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    g.add_argument("--prodigy_beta3", type=float, default=None)
+    g.add_argument("--prodigy_decouple", type=str2bool, default=True)
+    g.add_argument("--prodigy_use_bias_correction", type=str2bool, default=True)
+    g.add_argument("--prodigy_safeguard_warmup", type=str2bool, default=True)
+    g.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="clip the global grad norm (every backend; 0 disables); the pre-clip norm is logged")
+    g.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the student (off by default)")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--seed", type=int, default=None, help="0 is a seed; each rank draws from seed + rank")
+
+    g = p.add_argument_group("distribution and precision")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: deepspeed when --deepspeed_config is given, ddp with several processes, else single")
+    g.add_argument("--deepspeed_config", "--ds_file", dest="deepspeed_config", default=None,
+                   help="a DeepSpeed JSON (parallel_config/); implies --backend deepspeed")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "bf16"],
+                   help="default: bf16 on CUDA, no on CPU (or the DeepSpeed JSON's bf16 section)")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU (gloo), e.g. for tests")
+    g.add_argument("--jvp", default="dual", choices=JVP_MODES,
+                   help="dual: one fused primal+tangent pass; func: torch.func.jvp over the kernel-patched student; "
+                        "reference: torch.func.jvp with math attention, as the reference")
+
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--output_dir", default="t2i-distill-output")
+    g.add_argument("--checkpointing_steps", type=_positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    g.add_argument("--save_pt", action="store_true",
+                   help="also export the reference's {'module': state_dict} transformer_<step>.pt")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
+    g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
+    g.add_argument("--tracker_project_name", default=None)
+    g.add_argument("--validation_prompts", "--validation_prompt", dest="validation_prompts", nargs="+", default=None)
+    g.add_argument("--num_validation_images", type=_positive_int, default=1, help="images per prompt")
+    g.add_argument("--validation_steps", type=_positive_int, default=500)
+    g.add_argument("--validation_inference_steps", type=_positive_int, nargs="+", default=[1, 2, 4])
+    g.add_argument("--validation_guidance_scale", type=float, default=None,
+                   help="default: the first training guidance value")
+    g.add_argument("--max_nonfinite_steps", type=_positive_int, default=10,
+                   help="stop after this many consecutive steps with a NaN/inf loss (each is skipped and counted)")
+    g.add_argument("--min_free_disk_gb", type=float, default=1.0,
+                   help="refuse to start when --output_dir has less free space")
+    g.add_argument("--config", default=None, help="YAML/JSON file of flag values (command-line flags win)")
+
+
+def _add_scm(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sCM (reference-spec §2.2)")
+    g.add_argument("--sigma_data", type=float, default=0.5)
+    g.add_argument("--logit_mean", type=float, default=0.0, help="P_mean (the reference's scripts: 0.2)")
+    g.add_argument("--logit_std", type=float, default=1.0, help="P_std (the reference's scripts: 1.6)")
+    g.add_argument("--scm_cfg_scale", type=float, nargs="+", default=[4.0, 4.5, 5.0])
+    g.add_argument("--tangent_warmup_steps", type=int, default=4000)
+    g.add_argument("--scm_lambda", type=float, default=1.0)
+    g.add_argument("--time_sampler_sigma", default="sigma_data", choices=["sigma_data", "reference"],
+                   help="σ in t = arctan(σ/·): --sigma_data (fix of B9) or the reference's hard-coded 0.5")
+
+
+def _add_meanflow(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MeanFlow (reference-spec §2.3)")
+    g.add_argument("--cfg_scale", type=float, nargs="+", default=[4.0, 4.5, 5.0])
+    g.add_argument("--time_sampler", default="logit_normal", choices=["logit_normal", "uniform"])
+    g.add_argument("--time_mu", type=float, default=-0.4)
+    g.add_argument("--time_sigma", type=float, default=1.0)
+    g.add_argument("--ratio_r_not_equal_t", type=float, default=0.75,
+                   help="fraction of samples with r ≠ t (the reference's comment says the opposite, B3)")
+    g.add_argument("--adaptive_p", type=float, default=1.0)
+    g.add_argument("--cfg_omega", type=float, default=1.0)
+    g.add_argument("--cfg_kappa", type=float, default=0.0)
+    g.add_argument("--cfg_min_t", type=float, default=0.0)
+    g.add_argument("--cfg_max_t", type=float, default=1.0)
+    g.add_argument("--use_cfg_meanflow", type=str2bool, nargs="?", const=True, default=False)
+    g.add_argument("--path_type", default="linear", choices=["linear", "cosine"])
+    g.add_argument("--weighting", default="adaptive", choices=["adaptive", "uniform"])
+    g.add_argument("--cfg_prob", type=float, default=0.1, help="prompt-dropout probability")
+    g.add_argument("--cfg_velocity_at", default="t", choices=["t", "r_t"],
+                   help="u_c/u_u of CFG-MeanFlow at (t, t) (paper) or at (r, t) (the reference, B1)")
+    g.add_argument("--meanflow_tangent", default="teacher", choices=["teacher", "data"],
+                   help="non-CFG JVP tangent: the teacher velocity, or ε − x0 as the reference (B2)")
+
+
+def build_parser(method: str) -> argparse.ArgumentParser:
+    """The parser of ``t2i-distill train <method>``."""
+    if method not in METHODS:
+        raise ValueError(f"`method`: expected one of {METHODS}, got {method!r}")
+    p = argparse.ArgumentParser(prog=f"t2i-distill train {method}",
+                                description=f"{'sCM' if method == 'scm' else 'MeanFlow'} distillation of FLUX")
+    _add_common(p)
+    (_add_scm if method == "scm" else _add_meanflow)(p)
+    return p
+
+
+def _load_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config: {path!r} is not a file")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as error:  # pragma: no cover - PyYAML ships with the stack (transformers/accelerate)
+            raise ValueError("--config: reading YAML needs PyYAML (pip install pyyaml), or use a .json file") from error
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config: {path!r} is not valid JSON ({error}); YAML files need a .yaml suffix") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: expected a mapping of flag names to values, got {type(data).__name__}")
+    return data
+
+
+def parse_args(method: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; raise ``SystemExit`` (argparse's error, naming the flag) on a bad combination."""
+    parser = build_parser(method)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            values = _load_config_file(known.config)
+        except ValueError as error:
+            parser.error(str(error))
+        dests = {a.dest: a for a in parser._actions}
+        unknown = sorted(set(values) - set(dests) - {"config"})
+        if unknown:
+            parser.error(f"--config {known.config}: unknown flag(s) {', '.join(unknown)} for `train {method}`")
+        converted = {}
+        for key, value in values.items():
+            action = dests.get(key)
+            if action is not None and action.type is not None and value is not None:
+                try:
+                    value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                    parser.error(f"--config {known.config}: {key}: {error}")
+            converted[key] = value
+        parser.set_defaults(**converted)
+    args = parser.parse_args(argv)
+    args.method = method
+    problems = validate_args(args)
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> list[str]:
+    """Every contradictory or impossible combination, each naming its flags (empty when the arguments are fine)."""
+    problems = []
+    if not args.pretrained_model_name_or_path:
+        problems.append("--pretrained_model_name_or_path is required (a FLUX folder or hub id)")
+    sources = [f for f in ("dataset_name", "train_data_dir", "cached_dataset") if getattr(args, f)]
+    if len(sources) != 1:
+        problems.append("give exactly one of --dataset_name, --train_data_dir, --cached_dataset; got "
+                        + (", ".join(f"--{s}" for s in sources) or "none"))
+    if args.deepspeed_config and args.backend not in ("auto", "deepspeed"):
+        problems.append(f"--deepspeed_config was given but --backend is {args.backend!r} (use deepspeed or auto)")
+    if args.backend == "deepspeed" and not args.deepspeed_config:
+        problems.append("--backend deepspeed needs --deepspeed_config (a JSON of parallel_config/)")
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        problems.append(f"--max_grad_norm must be ≥ 0 (0 disables clipping), got {args.max_grad_norm}")
+    if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
+        problems.append(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
+    if args.resolution % 16:
+        problems.append(f"--resolution must be a multiple of 16 (8× VAE, 2×2 patches), got {args.resolution}")
+    if args.cpu and args.mixed_precision == "bf16":
+        problems.append("--mixed_precision bf16 is for GPUs; drop it with --cpu")
+    if args.method == "meanflow":
+        if not 0.0 <= args.ratio_r_not_equal_t <= 1.0:
+            problems.append(f"--ratio_r_not_equal_t must lie in [0, 1], got {args.ratio_r_not_equal_t}")
+        if not 0.0 <= args.cfg_prob < 1.0:
+            problems.append(f"--cfg_prob must lie in [0, 1), got {args.cfg_prob}")
+        if args.cfg_min_t > args.cfg_max_t:
+            problems.append(f"--cfg_min_t ({args.cfg_min_t}) exceeds --cfg_max_t ({args.cfg_max_t})")
+        if args.use_cfg_meanflow and args.cfg_prob == 0.0:
+            problems.append("--use_cfg_meanflow needs unconditional samples: --cfg_prob must be > 0")
+    elif args.sigma_data <= 0:
+        problems.append(f"--sigma_data must be positive, got {args.sigma_data}")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder")
+    return problems

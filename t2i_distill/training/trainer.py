@@ -1,0 +1,416 @@
+"""``t2i-distill train scm|meanflow``: the reference's ``train_sCM.py`` / ``train_meanflow.py`` rebuilt on the fork's
+losses, kernels, data and engine, with the reference's bugs fixed (reference-spec §5).
+
+The trainer is thin: it parses flags (:mod:`t2i_distill.training.args`), builds the models
+(:func:`t2i_distill.models.load_student`), the data (:class:`t2i_distill.data.TrainData`), the engine
+(:func:`t2i_distill.training.build_engine`: single process, DDP, FSDP2 or DeepSpeed ZeRO-2) and the checkpoints
+(:class:`t2i_distill.training.CheckpointManager`), then loops. The loss is computed inside
+:class:`DistillationPair`'s ``forward`` so that every backend sees one forward per micro-step (DDP's reducer and
+DeepSpeed's engine need the forward to go through their wrapper), exactly as the reference hands its teacher-student
+pair to ``accelerator.prepare``.
+
+Per optimizer step: a batch (live: encoded here with the frozen text encoders and VAE; cached: read as is), the loss
+(teacher forward, student JVP by ``--jvp``, student forward with grad), a finiteness vote across ranks (a NaN/inf loss
+skips the step everywhere, is counted, and ``--max_nonfinite_steps`` in a row stop the run with the last good
+checkpoint kept), backward, clip (pre-clip norm logged), optimizer and scheduler step, EMA, logging, checkpoints every
+``--checkpointing_steps`` (synchronous, atomic) and validation images every ``--validation_steps``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from t2i_distill.training.args import parse_args
+
+logger = logging.getLogger("t2i_distill.train")
+
+__all__ = ["DistillationPair", "NonFiniteLossError", "main", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss; the last good checkpoint is kept."""
+
+
+class DistillationPair(nn.Module):
+    """Student (trained) + teacher (frozen): ``forward(batch, step)`` → ``(loss, logs)`` of the method's loss.
+
+    ``null_condition`` (MeanFlow's prompt-dropout embedding of " ") is held as non-persistent buffers so it moves with
+    the module and never enters a checkpoint.
+    """
+
+    def __init__(self, method: str, student: nn.Module, teacher: nn.Module, loss_config, jvp_mode: str,
+                 null_condition: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.method, self.loss_config, self.jvp_mode = method, loss_config, jvp_mode
+        self.student, self.teacher = student, teacher
+        teacher.requires_grad_(False).eval()
+        if method == "meanflow":
+            if null_condition is None:
+                raise ValueError("`null_condition`: MeanFlow needs the embedding of the empty prompt ' '")
+            self.register_buffer("null_prompt_embeds", null_condition[0], persistent=False)
+            self.register_buffer("null_pooled_prompt_embeds", null_condition[1], persistent=False)
+
+    def forward(self, batch: dict, step: int, draws=None):
+        from t2i_distill import losses
+
+        if self.method == "scm":
+            return losses.scm_loss(self.student, self.teacher, batch, step=step, config=self.loss_config,
+                                   draws=draws, jvp_mode=self.jvp_mode)
+        return losses.meanflow_loss(self.student, self.teacher, batch, config=self.loss_config,
+                                    null_condition=(self.null_prompt_embeds, self.null_pooled_prompt_embeds),
+                                    draws=draws, jvp_mode=self.jvp_mode)
+
+
+# -- building blocks ----------------------------------------------------------------------------------------------
+def loss_config_from_args(args):
+    from t2i_distill.losses import MeanFlowConfig, SCMConfig
+
+    if args.method == "scm":
+        return SCMConfig(sigma_data=args.sigma_data, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                         cfg_scales=tuple(args.scm_cfg_scale), tangent_warmup_steps=args.tangent_warmup_steps,
+                         scm_lambda=args.scm_lambda, time_sampler_sigma=args.time_sampler_sigma)
+    return MeanFlowConfig(
+        cfg_scales=tuple(args.cfg_scale), time_sampler=args.time_sampler, time_mu=args.time_mu,
+        time_sigma=args.time_sigma, ratio_r_not_equal_t=args.ratio_r_not_equal_t, adaptive_p=args.adaptive_p,
+        cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa, cfg_min_t=args.cfg_min_t, cfg_max_t=args.cfg_max_t,
+        use_cfg_meanflow=args.use_cfg_meanflow, path_type=args.path_type, weighting=args.weighting,
+        cfg_prob=args.cfg_prob, cfg_velocity_at=args.cfg_velocity_at, tangent=args.meanflow_tangent,
+    )
+
+
+def resolve_backend(args) -> str:
+    if args.backend != "auto":
+        return args.backend
+    if args.deepspeed_config:
+        return "deepspeed"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def load_models(args, device: torch.device, teacher_dtype: torch.dtype):
+    """(student, teacher) as the method needs them: sCM TrigFlow pair; MeanFlow dual-timestep student + flow teacher."""
+    from t2i_distill.models import load_student
+
+    common = {"rescaled_checkpoint": args.rescaled_checkpoint_path, "time_scale": args.time_scale,
+              "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    student_kind, teacher_kind = ("trigflow", "trigflow") if args.method == "scm" else ("meanflow", "flow")
+    student, report = load_student(args.pretrained_model_name_or_path, kind=student_kind, **common)
+    logger.info("student: %s", report)
+    teacher, _ = load_student(args.pretrained_model_name_or_path, kind=teacher_kind, torch_dtype=teacher_dtype,
+                              **common)
+    student.train()
+    return student.to(device), teacher.to(device).eval().requires_grad_(False)
+
+
+def prepare_student(student, args) -> None:
+    """Kernels for the JVP modes that use them; gradient checkpointing only when asked (never behind the user's back)."""
+    from t2i_distill import apply_kernels_to_flux
+
+    if args.jvp in ("dual", "func"):
+        apply_kernels_to_flux(student)
+    if args.gradient_checkpointing:
+        if args.jvp == "dual":
+            raise ValueError("--gradient_checkpointing: the fused dual pass (--jvp dual) keeps its activations and "
+                             "cannot recompute blocks yet; use --jvp func for checkpointed training")
+        student.enable_gradient_checkpointing()
+
+
+def build_optimizer_factory(args):
+    def factory(params):
+        params = [p for p in params if p.requires_grad]
+        if args.optimizer == "prodigy":
+            try:
+                import prodigyopt
+            except ImportError as error:
+                raise ValueError("--optimizer prodigy needs the prodigyopt package (pip install prodigyopt)") from error
+            return prodigyopt.Prodigy(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay,
+                                      eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+                                      use_bias_correction=args.prodigy_use_bias_correction,
+                                      safeguard_warmup=args.prodigy_safeguard_warmup)
+        return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    return factory
+
+
+def build_scheduler_factory(args, max_train_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    # One scheduler step per optimizer step, on every backend (the reference multiplied the step counts by the number
+    # of processes because accelerate stepped its scheduler once per process).
+    return lambda optimizer: get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                           num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
+                                           power=args.lr_power)
+
+
+class Trackers:
+    """TensorBoard (default) and/or W&B on the main rank; scalars and images. No-ops elsewhere."""
+
+    def __init__(self, args, is_main: bool, config: dict):
+        self.writers = []
+        if not is_main or args.report_to == "none":
+            return
+        if args.report_to in ("tensorboard", "all"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writers.append(("tensorboard", SummaryWriter(str(Path(args.output_dir) / args.logging_dir))))
+        if args.report_to in ("wandb", "all"):
+            try:
+                import wandb
+            except ImportError as error:
+                raise ValueError("--report_to wandb needs the wandb package (pip install wandb)") from error
+            run = wandb.init(project=args.tracker_project_name or f"t2i-distill-{args.method}", config=config,
+                             dir=str(Path(args.output_dir)))
+            self.writers.append(("wandb", run))
+
+    def log(self, scalars: dict, step: int) -> None:
+        for kind, writer in self.writers:
+            if kind == "tensorboard":
+                for key, value in scalars.items():
+                    writer.add_scalar(key, value, step)
+            else:
+                writer.log(scalars, step=step)
+
+    def log_images(self, tag: str, image, step: int) -> None:
+        """``image``: a PIL image (a grid)."""
+        import numpy as np
+
+        for kind, writer in self.writers:
+            if kind == "tensorboard":
+                writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+            else:
+                import wandb
+
+                writer.log({tag: wandb.Image(image)}, step=step)
+
+    def close(self) -> None:
+        for kind, writer in self.writers:
+            writer.close() if kind == "tensorboard" else writer.finish()
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype | None) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def steps_per_epoch(data, args, world_size: int) -> int | None:
+    try:
+        samples = len(data.dataset) if hasattr(data, "dataset") else len(data)
+    except TypeError:
+        return None
+    per_step = args.train_batch_size * world_size * args.gradient_accumulation_steps
+    return max(1, samples // per_step)
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+def train(args) -> dict:
+    """Run a distillation from parsed ``args``; returns a summary (final step, counters, paths)."""
+    from t2i_distill.data import DataConfig, TrainData, encode_batch, load_cache_manifest
+    from t2i_distill.training import EMA, CheckpointManager, EngineConfig, build_engine, check_writable, export_student
+
+    check_writable(args.output_dir, min_free_bytes=int(args.min_free_disk_gb * 2**30))
+    backend = resolve_backend(args)
+    cuda = torch.cuda.is_available() and not args.cpu
+    mixed = args.mixed_precision or ("bf16" if cuda else "no")
+    if args.allow_tf32 and cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    engine_cfg = EngineConfig(backend=backend, mixed_precision=mixed,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              max_grad_norm=args.max_grad_norm or None, deepspeed_config=args.deepspeed_config,
+                              micro_batch_size=args.train_batch_size, seed=args.seed, cpu=not cuda)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    seed = 0 if args.seed is None else args.seed
+    # Each rank its own noise stream (seed + rank); the data order is sharded from `seed` alone.
+    _seed_everything(seed + rank)
+
+    # Data first: a cache that does not match the model fails before any weight is loaded.
+    data = TrainData(
+        DataConfig(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                   dataset_split=args.dataset_split, train_data_dir=args.train_data_dir,
+                   image_column=args.image_column, caption_column=args.caption_column,
+                   max_train_samples=args.max_train_samples, resolution=args.resolution, streaming=args.streaming,
+                   cached_dataset=args.cached_dataset, dataloader_num_workers=args.dataloader_num_workers),
+        batch_size=args.train_batch_size, seed=seed, rank=rank, world_size=world,
+    )
+    text_encoders = vae = None
+    teacher_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
+    if args.cached_dataset:
+        manifest = load_cache_manifest(args.cached_dataset)
+        manifest.check_matches(pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+                               resolution=args.resolution, max_sequence_length=args.max_sequence_length)
+        null_condition = manifest.null_condition() if args.method == "meanflow" else None
+    else:
+        from diffusers import AutoencoderKL
+
+        from t2i_distill.conditioning import TextEncoders
+
+        text_encoders = TextEncoders.from_pretrained(args.pretrained_model_name_or_path, dtype=teacher_dtype,
+                                                     device=device, revision=args.revision, variant=args.variant)
+        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                            torch_dtype=teacher_dtype, revision=args.revision).to(device)
+        vae.requires_grad_(False).eval()
+        null = text_encoders.encode([" "], args.max_sequence_length) if args.method == "meanflow" else None
+        null_condition = None if null is None else (null.prompt_embeds, null.pooled_prompt_embeds)
+
+    per_epoch = steps_per_epoch(data, args, world)
+    if args.max_train_steps is None:
+        if per_epoch is None:
+            raise ValueError("--max_train_steps is required with a dataset of unknown length (e.g. --streaming)")
+        args.max_train_steps = args.num_train_epochs * per_epoch
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
+
+    student, teacher = load_models(args, device, teacher_dtype)
+    prepare_student(student, args)
+    pair = DistillationPair(args.method, student, teacher, loss_config_from_args(args), args.jvp,
+                            None if null_condition is None else tuple(t.to(device) for t in null_condition))
+    engine = build_engine(engine_cfg, model=pair, optimizer_factory=build_optimizer_factory(args),
+                          lr_scheduler_factory=build_scheduler_factory(args, args.max_train_steps))
+    ema = EMA(engine.unwrapped.student, args.ema_decay) if args.ema_decay else None
+    checkpoints = CheckpointManager(args.output_dir, total_limit=args.checkpoints_total_limit)
+    global_step, counters = 0, {"nonfinite_skipped": 0}
+    if args.resume_from_checkpoint:
+        path = checkpoints.latest() if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
+        if path is None:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting from step 0",
+                           args.output_dir)
+        else:
+            extra = checkpoints.load(path, engine)
+            global_step = int(extra["trainer"]["global_step"])
+            counters = dict(extra["trainer"].get("counters", counters))
+            data.load_state_dict(extra["sampler"])
+            if ema is not None and extra.get("ema") is not None:
+                ema.load_state_dict(extra["ema"])
+            logger.info("resumed from %s at step %d", path, global_step)
+
+    trackers = Trackers(args, engine.is_main, {k: v for k, v in vars(args).items()
+                                               if isinstance(v, (int, float, str, bool))})
+    validator = None
+    if args.validation_prompts and engine.is_main:
+        from t2i_distill.training.validation import Validator
+
+        validator = Validator(args, text_encoders, vae, device)
+
+    def save(step: int) -> Path:
+        extra = {"trainer": {"global_step": step, "counters": counters}, "sampler": data.state_dict(),
+                 "ema": None if ema is None else ema.state_dict()}
+        path = checkpoints.save(step, engine, extra=extra)
+        state = engine.state_dict_for_export()
+        if engine.is_main:
+            student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+            export_student(student_state, Path(args.output_dir), step,
+                           formats=("safetensors", "pt") if args.save_pt else ("safetensors",))
+        return path
+
+    progress = _progress(engine.is_main, global_step, args.max_train_steps)
+    batches, consecutive_bad, step_start = iter(data), 0, time.perf_counter()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        while global_step < args.max_train_steps:
+            batch = next(batches)
+            if text_encoders is not None:
+                batch = encode_batch(batch, text_encoders, vae, max_sequence_length=args.max_sequence_length)
+            batch = _to_device(batch, device, None)
+            loss, logs = engine.module(batch, global_step)
+            finite = engine.all_reduce_mean(torch.isfinite(loss.detach()).float().reshape(1)).item() == 1.0
+            if not finite:
+                counters["nonfinite_skipped"] += 1
+                consecutive_bad += 1
+                engine.skip_step()
+                logger.warning("step %d: non-finite loss on some rank; skipped (%d in a row, %d in total)",
+                               global_step, consecutive_bad, counters["nonfinite_skipped"])
+                if consecutive_bad >= args.max_nonfinite_steps:
+                    last = checkpoints.latest()
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} consecutive steps had a NaN/inf loss (--max_nonfinite_steps "
+                        f"{args.max_nonfinite_steps}); stopping. The last good checkpoint is "
+                        f"{last if last else 'none (no checkpoint was written yet)'}; lower --learning_rate or "
+                        "check the data")
+                continue
+            consecutive_bad = 0
+            engine.backward(loss)
+            report = engine.step()
+            if report is None:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.update(engine.unwrapped.student)
+            elapsed = time.perf_counter() - step_start
+            step_start = time.perf_counter()
+            scalars = {k: float(v) for k, v in logs.items()}
+            scalars.update({"grad_norm": report.grad_norm, "lr": engine.lr_scheduler.get_last_lr()[0],
+                            "step_time_s": elapsed,
+                            "samples_per_s": args.train_batch_size * args.gradient_accumulation_steps * world
+                            / max(elapsed, 1e-9)})
+            if cuda:
+                scalars["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            trackers.log(scalars, global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(loss):.4g}", samples_s=f"{scalars['samples_per_s']:.2f}")
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save(global_step)
+            if validator is not None and global_step % args.validation_steps == 0:
+                for tag, grid in validator.run(engine.unwrapped.student, ema, global_step).items():
+                    trackers.log_images(tag, grid, global_step)
+            engine.barrier()
+    finally:
+        progress.close()
+        trackers.close()
+    return {"global_step": global_step, "counters": counters, "output_dir": str(args.output_dir),
+            "latest_checkpoint": str(checkpoints.latest())}
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _progress(enabled: bool, initial: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="steps", dynamic_ncols=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``t2i-distill train scm|meanflow [flags]``."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in ("scm", "meanflow"):
+        print("usage: t2i-distill train {scm,meanflow} [flags]   (t2i-distill train scm --help lists the flags)")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv[0], argv[1:])
+    summary = train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"finished at step {summary['global_step']}; checkpoints in {summary['output_dir']} "
+              f"(latest {summary['latest_checkpoint']}); non-finite steps skipped: "
+              f"{summary['counters']['nonfinite_skipped']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
