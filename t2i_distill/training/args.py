@@ -200,7 +200,7 @@ def _load_config_file(path: str) -> dict:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"--config: {path!r} is not valid JSON ({error}); YAML files need a .yaml suffix") from error
+            raise ValueError(f"--config: {path!r} is not valid JSON ({error}); YAML needs a .yaml suffix") from error
     if not isinstance(data, dict):
         raise ValueError(f"--config: expected a mapping of flag names to values, got {type(data).__name__}")
     return data

@@ -108,7 +108,7 @@ def load_models(args, device: torch.device, teacher_dtype: torch.dtype):
 
 
 def prepare_student(student, args) -> None:
-    """Kernels for the JVP modes that use them; gradient checkpointing only when asked (never behind the user's back)."""
+    """Kernels for the JVP modes that use them; gradient checkpointing only when asked (never behind one's back)."""
     from t2i_distill import apply_kernels_to_flux
 
     if args.jvp in ("dual", "func"):
