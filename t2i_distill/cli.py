@@ -1,7 +1,8 @@
 """The ``t2i-distill`` command line.
 
 ``t2i-distill env``   versions, the GPU (or "none"), and whether kernels run compiled or interpreted.
-``t2i-distill demo``  the main job on an embedded default, no downloads: parity + benchmark report on a tiny FLUX.
+``t2i-distill demo``  the main job, offline: distil a tiny shapes teacher with sCM and MeanFlow, sample, score.
+``t2i-distill parity`` parity + benchmark report of every kernel and student step on an embedded tiny FLUX.
 ``t2i-distill steps`` student-step benchmarks (reference vs patched vs dual) at a chosen width, depth, resolution.
 ``t2i-distill train scm|meanflow``  distillation (flags: ``t2i-distill train scm --help``).
 ``t2i-distill tiny``  write a tiny random FLUX pipeline folder that diffusers loads offline (tests, demo, examples).
@@ -38,7 +39,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_parity(args: argparse.Namespace) -> int:
     if _enable_interpreter_without_gpu():
         print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
     import torch
@@ -83,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_env = sub.add_parser("env", help="print versions, the GPU and the kernel execution mode")
     p_env.set_defaults(func=_cmd_env)
 
-    p_demo = sub.add_parser("demo", help="parity + benchmark report on an embedded tiny FLUX (no downloads)")
-    p_demo.add_argument("--out", default="t2i-distill-report.json",
-                        help="where to write the JSON report ('-' for none; default: %(default)s)")
-    p_demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p_demo.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
-    p_demo.set_defaults(func=_cmd_demo)
+    p_parity = sub.add_parser("parity", help="parity + benchmark report on an embedded tiny FLUX (no downloads)")
+    p_parity.add_argument("--out", default="t2i-distill-report.json",
+                          help="where to write the JSON report ('-' for none; default: %(default)s)")
+    p_parity.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p_parity.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
+    p_parity.set_defaults(func=_cmd_parity)
 
     p_steps = sub.add_parser("steps", help="student-step benchmarks: reference vs patched vs dual forward")
     p_steps.add_argument("--method", nargs="+", default=["scm", "meanflow"], choices=["scm", "meanflow"])

@@ -1,4 +1,4 @@
-"""The demo report (``t2i-distill demo``): the benchmark suite at tiny shapes, parity verdicts and timings, one run.
+"""The parity report (``t2i-distill parity``): the benchmark suite at tiny shapes, parity verdicts and timings, one run.
 
 1. **Kernel parity**: every Triton kernel's output, tangent (explicit API, ``torch.func.jvp``, ``forward_ad``) and
    gradients against float64 truth with the project's rule (``kernels.testing``), at ragged tiny shapes.

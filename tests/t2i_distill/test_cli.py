@@ -1,4 +1,4 @@
-"""The `t2i-distill` command line: `env` and the `demo` report."""
+"""The `t2i-distill` command line: `env` and the `parity` report."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def test_env_prints_versions_gpu_and_kernel_mode(capsys):
         assert "kernels      interpreted" in out
 
 
-def test_demo_writes_a_passing_report(tmp_path, capsys):
+def test_parity_writes_a_passing_report(tmp_path, capsys):
     out_path = tmp_path / "report.json"
-    assert cli.main(["demo", "--out", str(out_path), "--repeats", "1"]) == 0
+    assert cli.main(["parity", "--out", str(out_path), "--repeats", "1"]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out_path.read_text())
     assert report["passed"] is True
@@ -63,10 +63,10 @@ def test_demo_writes_a_passing_report(tmp_path, capsys):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter is only switched on without a GPU")
-def test_demo_turns_on_the_interpreter_itself():
+def test_parity_turns_on_the_interpreter_itself():
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = str(REPO)
-    done = subprocess.run([sys.executable, "-m", "t2i_distill.cli", "demo", "--out", "-", "--repeats", "1"],
+    done = subprocess.run([sys.executable, "-m", "t2i_distill.cli", "parity", "--out", "-", "--repeats", "1"],
                           capture_output=True, text=True, env=environment, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "running the Triton kernels in the CPU interpreter" in done.stdout
