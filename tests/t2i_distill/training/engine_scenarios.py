@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from t2i_distill.training import CheckpointManager, EngineConfig, build_engine, export_student, lr_scheduler_factory
+from t2i_distill.training import (
+    EMA,
+    CheckpointManager,
+    EngineConfig,
+    build_engine,
+    export_student,
+    lr_scheduler_factory,
+)
 
 MLP_IN, MLP_OUT = 8, 4
 
@@ -89,10 +96,13 @@ def mlp_micro_step(engine, batch: int = 2) -> str:
     return digest([x, y])
 
 
-def run_updates(engine, updates: int) -> list[str]:
+def run_updates(engine, updates: int, ema: EMA | None = None) -> list[str]:
     seen = []
     for _ in range(updates * engine.config.gradient_accumulation_steps):
+        final = engine.sync_gradients
         seen.append(mlp_micro_step(engine))
+        if final and ema is not None:
+            ema.update(engine.unwrapped)
     return seen
 
 
@@ -104,21 +114,29 @@ def scenario_resume(backend: str, workdir: Path) -> dict:
                             lr_scheduler_factory=lr_scheduler_factory("linear", warmup_steps=2, total_steps=8))
 
     straight = make_engine(0)
-    seen_straight = run_updates(straight, 4)
+    ema_straight = EMA(straight.unwrapped, decay=0.9)
+    seen_straight = run_updates(straight, 4, ema_straight)
     weights_straight, optim_straight = digest(full_parameters(straight)), optimizer_digest(straight)
     lr_straight = straight.optimizer.param_groups[0]["lr"]
 
     first = make_engine(0)
-    run_updates(first, 2)
+    ema_first = EMA(first.unwrapped, decay=0.9)
+    run_updates(first, 2, ema_first)
     manager = CheckpointManager(workdir / "resume")
-    path = manager.save(first.completed_steps, first, extra={"trainer": {"global_step": 2}})
+    # under FSDP2 the EMA holds this rank's shards: it goes in per_rank_extra
+    path = manager.save(first.completed_steps, first, extra={"trainer": {"global_step": 2}},
+                        per_rank_extra={"ema": ema_first.state_dict()})
     torch.manual_seed(12345)  # a different RNG state: only the checkpoint's can reproduce the straight run
     resumed = make_engine(7)  # and different initial weights: only the checkpoint's can
     extra = manager.load("latest", resumed)
-    seen_resumed = run_updates(resumed, 2)
+    ema_resumed = EMA(resumed.unwrapped, decay=0.5)
+    ema_resumed.load_state_dict(extra.pop("ema"))
+    seen_resumed = run_updates(resumed, 2, ema_resumed)
+    ema_equal = all(torch.equal(ema_resumed.shadow[k], ema_straight.shadow[k]) for k in ema_straight.shadow)
     return {
         "checkpoint_name": path.name,
         "extra_round_trip": extra == {"trainer": {"global_step": 2}},
+        "ema_equal": ema_equal and all_equal(resumed, str(ema_equal)),
         "completed_steps": resumed.completed_steps,
         "weights_equal": digest(full_parameters(resumed)) == weights_straight,
         "optimizer_equal": all_equal(resumed, "x") and optimizer_digest(resumed) == optim_straight,

@@ -53,7 +53,7 @@ def _check_results(results: dict, world_size: int) -> None:
     resume = results["resume"]
     assert resume["checkpoint_name"] == "checkpoint-2"
     assert resume["completed_steps"] == 4
-    assert resume["extra_round_trip"]
+    assert resume["extra_round_trip"] and resume["ema_equal"]
     # N straight == N/2 + save + fresh model/RNG + load + N/2, bit for bit, with the same batches
     assert resume["weights_equal"] and resume["optimizer_equal"] and resume["lr_equal"] and resume["batches_equal"]
     assert resume["ranks_agree"] and resume["weights_changed"]
@@ -166,6 +166,24 @@ def test_backward_rejects_a_non_scalar_loss():
     engine = build_engine(EngineConfig(cpu=True), model=model, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
     with pytest.raises(ValueError, match=r"scalar tensor, got Tensor\(4, 2\)"):
         engine.backward(model(torch.randn(4, 3)))
+
+
+def test_ddp_in_a_lone_process_makes_its_own_one_member_group():
+    model = nn.Linear(3, 1)
+    engine = build_engine(EngineConfig(backend="ddp", cpu=True), model=model,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    try:
+        assert (engine.rank, engine.world_size, engine.is_main) == (0, 1, True)
+        assert isinstance(engine.module, torch.nn.parallel.DistributedDataParallel) and engine.unwrapped is model
+        x = torch.randn(4, 3)
+        expected = model.weight.detach() - 0.1 * torch.autograd.grad(model(x).pow(2).mean(), model.weight)[0]
+        engine.backward(engine.module(x).pow(2).mean())
+        engine.step()
+        torch.testing.assert_close(model.weight.detach(), expected, rtol=0, atol=1e-7)
+        assert float(engine.all_reduce_mean(torch.tensor(3.0))) == 3.0 and engine.broadcast_object({"a": 1}) == {"a": 1}
+    finally:
+        engine.close()
+    assert not torch.distributed.is_initialized()
 
 
 def test_backends_constant_lists_what_the_tests_cover():
