@@ -28,9 +28,12 @@ __all__ = [
     "TextConditioning",
     "TextEncoders",
     "decode_latents",
+    "encode_image_posterior",
     "encode_images",
     "latent_image_ids",
+    "latents_from_posterior",
     "pack_latents",
+    "sample_posterior_latents",
     "text_ids",
     "unpack_latents",
 ]
@@ -168,6 +171,33 @@ def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None =
     dist = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
     z = dist.sample(generator) if sample else dist.mode()
     return latents_from_posterior(vae, z)
+
+
+@torch.no_grad()
+def encode_image_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] (B, 3, R, R) → the VAE posterior's ``(mean, std)``, each (B, C, R/8, R/8) in the VAE's
+    dtype, *unscaled* (z space). What the cache stores: :func:`sample_posterior_latents` turns it into latents."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"`images`: expected (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+    param = next(vae.parameters())
+    dist = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_posterior_latents(mean: torch.Tensor, std: torch.Tensor, shift_factor: float, scaling_factor: float,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """FLUX latents from a stored posterior: ``((mean + std·ε) − shift)·scale``, ε ~ N(0, 1) in ``mean``'s dtype.
+
+    ε is drawn exactly as diffusers' ``DiagonalGaussianDistribution.sample(generator)`` draws it (on the generator's
+    device, then moved), so a stored (mean, std) and the same generator state reproduce :func:`encode_images` of the
+    same images (B, C, h, w); ``generator=None`` uses the global RNG of ``mean``'s device.
+    """
+    if mean.shape != std.shape:
+        raise ValueError(f"`std`: expected the shape of `mean` {tuple(mean.shape)}, got {tuple(std.shape)}")
+    rand_device = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=rand_device, dtype=mean.dtype).to(mean.device)
+    z = mean + std.to(mean.dtype) * eps
+    return (z - (shift_factor or 0.0)) * scaling_factor
 
 
 def latents_from_posterior(vae, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,408 @@
+"""The embedding cache: a dataset encoded once into safetensors shards + ``manifest.json``, read without any encoder.
+
+**Layout** (``C/``): ``cache_plan.json`` (the settings, written first; a rerun with other settings is refused),
+``shard-00000.safetensors`` ... and, once every shard exists, ``manifest.json`` (:class:`CacheManifest`). Shard ``k``
+covers source records ``[k·S, (k+1)·S)`` (S = ``shard_size``, source order) and stores the usable ones as stacked
+tensors ``latent_mean``, ``latent_std`` (K, C, R/8, R/8), ``prompt_embeds`` (K, T, D), ``pooled_prompt_embeds``
+(K, P) in the cache dtype, with ids, captions, source indices and the skipped ids in its safetensors metadata.
+
+**Posterior mean + std, not a fixed sample.** The reference draws a fresh VAE posterior sample at every step
+(``latent_dist.sample()``, reference-spec §2.1); a cache of one fixed sample would silently change that training
+signal into the same latent every epoch. Storing the posterior's mean and std (unscaled, z space) lets every step
+draw ``((mean + std·ε) − shift)·scale`` as the reference does, for 2× the latent bytes, which at FLUX shapes is
++5.9% of a record (the T5 embeddings dominate: at 512 px in bf16, 2 × 131,072 B of latents + 2,097,152 B of T5 +
+1,536 B pooled = 2,360,832 B per record).
+
+**Resumable and crash-safe.** A shard is written to a temporary name, flushed to disk and renamed; only the final
+name counts as finished, so an interrupted write never leaves a shard that loads, and a rerun skips finished shards.
+
+**Multi-process.** Under ``torchrun``/``accelerate launch`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), rank ``r`` of
+``w`` encodes shards ``k ≡ r (mod w)``: no record twice, none missing; rank 0 writes the manifest after a barrier
+(gloo). A rerun may use another number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from t2i_distill.data.config import DataConfig
+from t2i_distill.data.loader import Skip, load_live_item, rank_and_world
+
+__all__ = ["CACHE_DTYPES", "CacheManifest", "CacheReader", "build_cache", "load_cache_manifest"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "t2i-distill-cache"
+CACHE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PLAN_FILE = "cache_plan.json"
+TENSOR_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SOURCE_FIELDS = ("dataset_name", "dataset_config_name", "dataset_split", "train_data_dir", "image_column",
+                  "caption_column", "max_train_samples")
+_EXAMPLES = 20
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+@dataclass
+class CacheManifest:
+    """What a cache holds and how it was made (``manifest.json``). ``check_matches`` guards trainers against a cache
+    of another model, resolution or T5 length."""
+
+    pretrained_model_name_or_path: str
+    revision: str | None
+    variant: str | None
+    resolution: int
+    max_sequence_length: int
+    dtype: str
+    latent_shape: list[int]
+    prompt_embeds_shape: list[int]
+    pooled_dim: int
+    vae_shift_factor: float
+    vae_scaling_factor: float
+    source: dict
+    shard_size: int
+    num_source_records: int
+    num_records: int
+    shards: list[dict] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    latent_storage: str = "posterior_mean_std"
+    format: str = CACHE_FORMAT
+    format_version: int = CACHE_FORMAT_VERSION
+
+    #: The fields a trainer may require to match.
+    MATCH_FIELDS = ("pretrained_model_name_or_path", "revision", "variant", "resolution", "max_sequence_length",
+                    "dtype")
+
+    def check_matches(self, **expected) -> None:
+        """Raise one ``ValueError`` naming every field of ``expected`` (any of :attr:`MATCH_FIELDS`) that differs
+        from the cache; a model given as a local path matches the same folder however it is spelled."""
+        unknown = sorted(set(expected) - set(self.MATCH_FIELDS))
+        if unknown:
+            raise TypeError(f"check_matches: unknown field(s) {unknown}; expected some of {list(self.MATCH_FIELDS)}")
+        wrong = []
+        for name, want in expected.items():
+            have = getattr(self, name)
+            same = _same_model(have, want) if name == "pretrained_model_name_or_path" else have == want
+            if not same:
+                wrong.append(f"{name}: cache {have!r}, requested {want!r}")
+        if wrong:
+            raise ValueError("the cached dataset does not match this run (rebuild it with `t2i-distill cache`, or "
+                             "fix the flags): " + "; ".join(wrong))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def load_cache_manifest(path: str | os.PathLike) -> CacheManifest:
+    """Read ``<path>/manifest.json``; a clear ``ValueError`` for a folder that is no cache or an unfinished one."""
+    root = Path(path)
+    file = root / MANIFEST_FILE
+    if not file.is_file():
+        if (root / PLAN_FILE).is_file():
+            raise ValueError(f"`cached_dataset` {str(root)!r} is unfinished (no {MANIFEST_FILE}); rerun the same "
+                             f"`t2i-distill cache` command to finish it")
+        raise ValueError(f"`cached_dataset` {str(root)!r} is not a cache written by `t2i-distill cache` (no "
+                         f"{MANIFEST_FILE})")
+    data = json.loads(file.read_text())
+    if data.get("format") != CACHE_FORMAT or data.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(f"`cached_dataset` {str(root)!r}: expected format {CACHE_FORMAT} v{CACHE_FORMAT_VERSION}, "
+                         f"got {data.get('format')!r} v{data.get('format_version')!r}")
+    known = {f.name for f in fields(CacheManifest)}
+    manifest = CacheManifest(**{k: v for k, v in data.items() if k in known})
+    missing = [s["file"] for s in manifest.shards if not (root / s["file"]).is_file()]
+    if missing:
+        raise ValueError(f"`cached_dataset` {str(root)!r}: shard file(s) missing: {missing[:5]}")
+    return manifest
+
+
+class CacheReader:
+    """Random access to cached records: ``len(reader)``, ``reader.load_item(j)`` → ``{"latent_mean", "latent_std"
+    (C, h, w), "prompt_embeds" (T, D), "pooled_prompt_embeds" (P,), "caption", "id"}`` (safetensors slices: one
+    record is read, not the shard). Handles open lazily, so each DataLoader worker opens its own."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        self.manifest = load_cache_manifest(self.root)
+        self.description = f"cache {str(self.root)!r}"
+        # (first record, shard) of the non-empty shards, for a bisect from a record number to its shard.
+        self._starts: list[int] = []
+        self._shards: list[int] = []
+        total = 0
+        for s, shard in enumerate(self.manifest.shards):
+            if shard["num_records"]:
+                self._starts.append(total)
+                self._shards.append(s)
+                total += shard["num_records"]
+        self._handles: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return self.manifest.num_records
+
+    def _shard(self, s: int):
+        if s not in self._handles:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self.root / self.manifest.shards[s]["file"]), framework="pt")
+            meta = handle.metadata()
+            self._handles[s] = (handle, json.loads(meta["ids"]), json.loads(meta["captions"]))
+        return self._handles[s]
+
+    def load_item(self, j: int) -> dict:
+        if not 0 <= j < len(self):
+            raise IndexError(f"record {j} out of range for a cache of {len(self)} records")
+        import bisect
+
+        position = bisect.bisect_right(self._starts, j) - 1
+        s, local = self._shards[position], j - self._starts[position]
+        handle, ids, captions = self._shard(s)
+        item = {k: handle.get_slice(k)[local:local + 1][0] for k in TENSOR_KEYS}
+        return {**item, "caption": captions[local], "id": ids[local]}
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+def _plan(cfg: DataConfig, model: str, revision, variant, max_sequence_length: int, dtype: str,
+          shard_size: int) -> dict:
+    return {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "pretrained_model_name_or_path": model,
+            "revision": revision, "variant": variant, "resolution": cfg.resolution,
+            "max_sequence_length": max_sequence_length, "dtype": dtype, "shard_size": shard_size,
+            "source": {k: getattr(cfg, k) for k in _SOURCE_FIELDS}}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, fsync, rename onto ``path``: readers see the old state or the complete file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_or_check_plan(root: Path, plan: dict) -> None:
+    file = root / PLAN_FILE
+    if file.is_file():
+        old = json.loads(file.read_text())
+        wrong = [f"{k}: folder {old.get(k)!r}, this run {plan[k]!r}" for k in plan if old.get(k) != plan[k]]
+        if wrong:
+            raise ValueError(f"`output_dir` {str(root)!r} holds a cache made with other settings (" + "; ".join(wrong)
+                             + "); choose a new `output_dir`")
+        return
+    _atomic_write(file, lambda tmp: tmp.write_text(json.dumps(plan, indent=2)))
+
+
+def _my_shards(source, streaming: bool, shard_size: int, rank: int, world: int, done, total: list):
+    """(k, first source index, [(index, RawRecord), ...]) for this rank's unfinished shards; ``total[0]`` is set to
+    the number of source records once known. Records of other shards are neither fetched (indexed) nor decoded."""
+    if not streaming:
+        n = len(source)
+        total.append(n)
+        for k in range(rank, math.ceil(n / shard_size), world):
+            if not done(k):
+                first = k * shard_size
+                yield k, first, [(i, source[i]) for i in range(first, min(first + shard_size, n))]
+        return
+    group: list = []
+    k_current, n = None, 0
+    for i, record in enumerate(source.iter_records(0, None)):
+        n = i + 1
+        k = i // shard_size
+        if k != k_current:
+            if group:
+                yield k_current, k_current * shard_size, group
+            group, k_current = [], k
+        if k % world == rank and not done(k):
+            group.append((i, record))
+    if group:
+        yield k_current, k_current * shard_size, group
+    total.append(n)
+
+
+def _encode_shard(records, resolution, text_encoders, vae, max_sequence_length, dtype, batch_size):
+    good, skipped = [], {}
+    for index, record in records:
+        item = load_live_item(record, resolution)
+        if isinstance(item, Skip):
+            skipped.setdefault(item.reason, []).append(item.id)
+        else:
+            good.append((index, item))
+    from t2i_distill.conditioning import encode_image_posterior
+
+    chunks = {k: [] for k in TENSOR_KEYS}
+    for b in range(0, len(good), batch_size):
+        items = [it for _, it in good[b:b + batch_size]]
+        mean, std = encode_image_posterior(vae, torch.stack([it["pixel_values"] for it in items]))
+        text = text_encoders.encode([it["caption"] for it in items], max_sequence_length=max_sequence_length)
+        for key, value in zip(TENSOR_KEYS, (mean, std, text.prompt_embeds, text.pooled_prompt_embeds)):
+            chunks[key].append(value.to(device="cpu", dtype=dtype).contiguous())
+    return good, skipped, chunks
+
+
+def _shapes(vae, text_encoders, resolution: int, max_sequence_length: int) -> dict[str, tuple[int, ...]]:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = (vae.config.latent_channels, resolution // factor, resolution // factor)
+    return {"latent_mean": latent, "latent_std": latent,
+            "prompt_embeds": (max_sequence_length, text_encoders.text_encoder_2.config.d_model),
+            "pooled_prompt_embeds": (text_encoders.text_encoder.config.hidden_size,)}
+
+
+def _barrier(world: int) -> bool:
+    """Wait for every rank (gloo, env:// rendezvous of torchrun/accelerate); True when this call set up the group."""
+    if world == 1:
+        return False
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:  # ranks encode equal shares; a long timeout only matters when one dies, and then the launcher stops all
+        dist.init_process_group("gloo", timeout=timedelta(hours=6))
+    dist.barrier()
+    return created
+
+
+def _write_manifest(root: Path, plan: dict, num_source: int, shard_size: int) -> CacheManifest:
+    from safetensors import safe_open
+
+    shards, skipped, examples, shapes, vae_factors = [], {}, {}, None, None
+    for k in range(math.ceil(num_source / shard_size)):
+        file = root / shard_name(k)
+        if not file.is_file():
+            raise RuntimeError(f"cache {str(root)!r}: {file.name} is missing after every rank finished")
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata()
+            shapes = shapes or {key: f.get_slice(key).get_shape()[1:] for key in TENSOR_KEYS}
+            vae_factors = vae_factors or (float(meta["vae_shift_factor"]), float(meta["vae_scaling_factor"]))
+        for reason, ids in json.loads(meta["skipped"]).items():
+            skipped[reason] = skipped.get(reason, 0) + len(ids)
+            examples.setdefault(reason, []).extend(ids[: _EXAMPLES - len(examples.get(reason, []))])
+        shards.append({"file": file.name, "first_source_index": int(meta["first_source_index"]),
+                       "num_source_records": int(meta["num_source_records"]),
+                       "num_records": int(meta["num_records"])})
+    num_records = sum(s["num_records"] for s in shards)
+    if num_records == 0:
+        raise ValueError(f"cache {str(root)!r}: every one of the {num_source} source records failed ({skipped}); "
+                         f"check `image_column`/`caption_column` and the files")
+    manifest = CacheManifest(
+        **{k: plan[k] for k in ("pretrained_model_name_or_path", "revision", "variant", "resolution",
+                                "max_sequence_length", "dtype", "shard_size", "source")},
+        latent_shape=list(shapes["latent_mean"]), prompt_embeds_shape=list(shapes["prompt_embeds"]),
+        pooled_dim=int(shapes["pooled_prompt_embeds"][0]),
+        vae_shift_factor=vae_factors[0], vae_scaling_factor=vae_factors[1], num_source_records=num_source,
+        num_records=num_records, shards=shards, skipped=skipped, skipped_examples=examples)
+    _atomic_write(root / MANIFEST_FILE, lambda tmp: tmp.write_text(manifest.to_json()))
+    return manifest
+
+
+def _load_models(model: str, dtype: torch.dtype, device, revision, variant):
+    from diffusers import AutoencoderKL
+
+    from t2i_distill.conditioning import TextEncoders
+
+    text_encoders = TextEncoders.from_pretrained(model, dtype=dtype, device=device, revision=revision,
+                                                 variant=variant)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, revision=revision,
+                                        variant=variant).to(device).eval().requires_grad_(False)
+    return text_encoders, vae
+
+
+def build_cache(cfg: DataConfig, output_dir: str | os.PathLike, pretrained_model_name_or_path: str, *,
+                max_sequence_length: int = 256, dtype: str = "bf16", batch_size: int = 8, shard_size: int = 256,
+                device: str | torch.device | None = None, revision: str | None = None, variant: str | None = None,
+                rank: int | None = None, world_size: int | None = None, text_encoders=None,
+                vae=None) -> CacheManifest:
+    """Encode ``cfg``'s dataset into ``output_dir`` (see the module docstring); returns the manifest on every rank.
+
+    The encoders and the VAE are loaded from ``pretrained_model_name_or_path`` in ``dtype`` on ``device`` (default
+    ``cuda:$LOCAL_RANK`` when CUDA is available, else CPU) unless given; they run in ``batch_size`` images and store
+    in ``dtype`` (``bf16``, ``fp16``, ``fp32``; the reference encodes in bf16). Only a rank with unfinished shards
+    loads them. ``rank``/``world_size`` default to the launcher's environment variables. The returned manifest
+    also carries ``encode_stats`` (this rank's encoded records and seconds; not saved).
+    """
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"`dtype`: expected one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+    for name, value in (("max_sequence_length", max_sequence_length), ("batch_size", batch_size),
+                        ("shard_size", shard_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}`: expected a positive int, got {value!r}")
+    if cfg.cached_dataset is not None:
+        raise ValueError("`cached_dataset`: expected None when building a cache (name the source dataset instead), "
+                         f"got {cfg.cached_dataset!r}")
+    rank, world = rank_and_world(rank, world_size)
+    if device is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = _plan(cfg, pretrained_model_name_or_path, revision, variant, max_sequence_length, dtype, shard_size)
+    _write_or_check_plan(root, plan)
+    if (root / MANIFEST_FILE).is_file():
+        logger.info("cache %s is complete; nothing to do", root)
+        return load_cache_manifest(root)
+
+    from t2i_distill.data.sources import open_source
+
+    source = open_source(cfg)
+    torch_dtype, total, encoded, started = CACHE_DTYPES[dtype], [], 0, time.perf_counter()
+    for k, first, records in _my_shards(source, cfg.streaming, shard_size, rank, world,
+                                        lambda k: (root / shard_name(k)).is_file(), total):
+        if text_encoders is None or vae is None:
+            text_encoders, vae = _load_models(pretrained_model_name_or_path, torch_dtype, device, revision, variant)
+        good, skipped, chunks = _encode_shard(records, cfg.resolution, text_encoders, vae, max_sequence_length,
+                                              torch_dtype, batch_size)
+        shapes = _shapes(vae, text_encoders, cfg.resolution, max_sequence_length)
+        tensors = {key: torch.cat(chunks[key]).contiguous() if chunks[key]
+                   else torch.zeros((0, *shapes[key]), dtype=torch_dtype) for key in TENSOR_KEYS}
+        meta = {"format": CACHE_FORMAT, "first_source_index": str(first), "num_source_records": str(len(records)),
+                "num_records": str(len(good)), "ids": json.dumps([it["id"] for _, it in good]),
+                "captions": json.dumps([it["caption"] for _, it in good]),
+                "source_indices": json.dumps([i for i, _ in good]), "skipped": json.dumps(skipped),
+                "vae_shift_factor": repr(float(getattr(vae.config, "shift_factor", None) or 0.0)),
+                "vae_scaling_factor": repr(float(vae.config.scaling_factor))}
+        from safetensors.torch import save_file
+
+        _atomic_write(root / shard_name(k), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        encoded += len(good)
+        for reason, ids in skipped.items():
+            logger.warning("rank %d, %s: skipped %d record(s) (%s): %s%s", rank, shard_name(k), len(ids), reason,
+                           ", ".join(ids[:5]), " ..." if len(ids) > 5 else "")
+        logger.info("rank %d: wrote %s (%d records, %d skipped)", rank, shard_name(k), len(good),
+                    sum(map(len, skipped.values())))
+    elapsed = time.perf_counter() - started
+    if total[0] == 0:
+        raise ValueError(f"{source.description}: the source holds no records")
+    created = _barrier(world)
+    try:
+        if rank == 0:
+            manifest = _write_manifest(root, plan, total[0], shard_size)
+        _barrier(world)
+        manifest = load_cache_manifest(root)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    manifest.encode_stats = {"rank": rank, "encoded_records": encoded, "seconds": elapsed}
+    return manifest
