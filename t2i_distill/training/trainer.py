@@ -38,7 +38,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DistillationPair(nn.Module):
-    """Student (trained) + teacher (frozen): ``forward(batch, step)`` → ``(loss, logs)`` of the method's loss.
+    """Student (trained) + teacher (frozen, held outside the module tree): ``forward(batch, step)`` → ``(loss, logs)``.
 
     ``null_condition`` (MeanFlow's prompt-dropout embedding of " ") is held as non-persistent buffers so it moves with
     the module and never enters a checkpoint.
@@ -48,13 +48,19 @@ class DistillationPair(nn.Module):
                  null_condition: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.method, self.loss_config, self.jvp_mode = method, loss_config, jvp_mode
-        self.student, self.teacher = student, teacher
-        teacher.requires_grad_(False).eval()
+        self.student = student
+        # The frozen teacher is deliberately not a submodule: no backend wraps, casts, shards or broadcasts it, and no
+        # checkpoint stores its (unchanging) weights. Every rank loads it identically from the teacher folder.
+        self._teacher = (teacher.requires_grad_(False).eval(),)
         if method == "meanflow":
             if null_condition is None:
                 raise ValueError("`null_condition`: MeanFlow needs the embedding of the empty prompt ' '")
             self.register_buffer("null_prompt_embeds", null_condition[0], persistent=False)
             self.register_buffer("null_pooled_prompt_embeds", null_condition[1], persistent=False)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
 
     def forward(self, batch: dict, step: int, draws=None):
         from t2i_distill import losses
@@ -69,19 +75,21 @@ class DistillationPair(nn.Module):
 
 # -- building blocks ----------------------------------------------------------------------------------------------
 def loss_config_from_args(args):
+    """The method's loss config from the flags: every config field takes the flag of the same name (lists become
+    tuples); MeanFlow's ``tangent`` is ``--meanflow_tangent``."""
+    from dataclasses import fields
+
     from t2i_distill.losses import MeanFlowConfig, SCMConfig
 
-    if args.method == "scm":
-        return SCMConfig(sigma_data=args.sigma_data, logit_mean=args.logit_mean, logit_std=args.logit_std,
-                         cfg_scales=tuple(args.scm_cfg_scale), tangent_warmup_steps=args.tangent_warmup_steps,
-                         scm_lambda=args.scm_lambda, time_sampler_sigma=args.time_sampler_sigma)
-    return MeanFlowConfig(
-        cfg_scales=tuple(args.cfg_scale), time_sampler=args.time_sampler, time_mu=args.time_mu,
-        time_sigma=args.time_sigma, ratio_r_not_equal_t=args.ratio_r_not_equal_t, adaptive_p=args.adaptive_p,
-        cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa, cfg_min_t=args.cfg_min_t, cfg_max_t=args.cfg_max_t,
-        use_cfg_meanflow=args.use_cfg_meanflow, path_type=args.path_type, weighting=args.weighting,
-        cfg_prob=args.cfg_prob, cfg_velocity_at=args.cfg_velocity_at, tangent=args.meanflow_tangent,
-    )
+    cls = SCMConfig if args.method == "scm" else MeanFlowConfig
+    renamed = {"tangent": "meanflow_tangent"}
+    values = {}
+    for field in fields(cls):
+        flag = renamed.get(field.name, field.name)
+        if hasattr(args, flag):
+            value = getattr(args, flag)
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
 def resolve_backend(args) -> str:
@@ -121,32 +129,24 @@ def prepare_student(student, args) -> None:
 
 
 def build_optimizer_factory(args):
-    def factory(params):
-        params = [p for p in params if p.requires_grad]
-        if args.optimizer == "prodigy":
-            try:
-                import prodigyopt
-            except ImportError as error:
-                raise ValueError("--optimizer prodigy needs the prodigyopt package (pip install prodigyopt)") from error
-            return prodigyopt.Prodigy(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay,
-                                      eps=args.adam_epsilon, decouple=args.prodigy_decouple,
-                                      use_bias_correction=args.prodigy_use_bias_correction,
-                                      safeguard_warmup=args.prodigy_safeguard_warmup)
-        return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    from t2i_distill.training import optimizer_factory
 
-    return factory
+    extra = {}
+    if args.optimizer == "prodigy":
+        extra = {"beta3": args.prodigy_beta3, "decouple": args.prodigy_decouple,
+                 "use_bias_correction": args.prodigy_use_bias_correction,
+                 "safeguard_warmup": args.prodigy_safeguard_warmup}
+    return optimizer_factory(args.optimizer, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon, weight_decay=args.adam_weight_decay, **extra)
 
 
 def build_scheduler_factory(args, max_train_steps: int):
-    from diffusers.optimization import get_scheduler
+    from t2i_distill.training import lr_scheduler_factory
 
-    # One scheduler step per optimizer step, on every backend (the reference multiplied the step counts by the number
-    # of processes because accelerate stepped its scheduler once per process).
-    return lambda optimizer: get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                           num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
-                                           power=args.lr_power)
+    # One scheduler step per optimizer update on every backend (the reference multiplied the step counts by the
+    # number of processes because accelerate stepped its scheduler once per process).
+    return lr_scheduler_factory(args.lr_scheduler, warmup_steps=args.lr_warmup_steps, total_steps=max_train_steps,
+                                num_cycles=args.lr_num_cycles, power=args.lr_power)
 
 
 class Trackers:
@@ -194,17 +194,6 @@ class Trackers:
             writer.close() if kind == "tensorboard" else writer.finish()
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype | None) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
-
-
 def steps_per_epoch(data, args, world_size: int) -> int | None:
     try:
         samples = len(data.dataset) if hasattr(data, "dataset") else len(data)
@@ -230,7 +219,8 @@ def train(args) -> dict:
     engine_cfg = EngineConfig(backend=backend, mixed_precision=mixed,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               max_grad_norm=args.max_grad_norm or None, deepspeed_config=args.deepspeed_config,
-                              micro_batch_size=args.train_batch_size, seed=args.seed, cpu=not cuda)
+                              micro_batch_size=args.train_batch_size, seed=0 if args.seed is None else args.seed,
+                              cpu=not cuda)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -238,7 +228,7 @@ def train(args) -> dict:
         torch.cuda.set_device(device)
     seed = 0 if args.seed is None else args.seed
     # Each rank its own noise stream (seed + rank); the data order is sharded from `seed` alone.
-    _seed_everything(seed + rank)
+    seed_everything(seed + rank)
 
     # Data first: a cache that does not match the model fails before any weight is loaded.
     data = TrainData(
@@ -319,6 +309,19 @@ def train(args) -> dict:
                            formats=("safetensors", "pt") if args.save_pt else ("safetensors",))
         return path
 
+    def skip_nonfinite(what: str, in_a_row: int) -> int:
+        counters["nonfinite_skipped"] += 1
+        in_a_row += 1
+        logger.warning("step %d: non-finite %s on some rank; skipped (%d in a row, %d in total)", global_step, what,
+                       in_a_row, counters["nonfinite_skipped"])
+        if in_a_row >= args.max_nonfinite_steps:
+            last = checkpoints.latest()
+            raise NonFiniteLossError(
+                f"{in_a_row} consecutive steps had a NaN/inf {what} (--max_nonfinite_steps {args.max_nonfinite_steps});"
+                f" stopping. The last good checkpoint is {last if last else 'none (none was written yet)'}; lower "
+                "--learning_rate or check the data")
+        return in_a_row
+
     progress = _progress(engine.is_main, global_step, args.max_train_steps)
     batches, consecutive_bad, step_start = iter(data), 0, time.perf_counter()
     if cuda:
@@ -328,35 +331,28 @@ def train(args) -> dict:
             batch = next(batches)
             if text_encoders is not None:
                 batch = encode_batch(batch, text_encoders, vae, max_sequence_length=args.max_sequence_length)
-            batch = _to_device(batch, device, None)
-            loss, logs = engine.module(batch, global_step)
-            finite = engine.all_reduce_mean(torch.isfinite(loss.detach()).float().reshape(1)).item() == 1.0
-            if not finite:
-                counters["nonfinite_skipped"] += 1
-                consecutive_bad += 1
-                engine.skip_step()
-                logger.warning("step %d: non-finite loss on some rank; skipped (%d in a row, %d in total)",
-                               global_step, consecutive_bad, counters["nonfinite_skipped"])
-                if consecutive_bad >= args.max_nonfinite_steps:
-                    last = checkpoints.latest()
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive steps had a NaN/inf loss (--max_nonfinite_steps "
-                        f"{args.max_nonfinite_steps}); stopping. The last good checkpoint is "
-                        f"{last if last else 'none (no checkpoint was written yet)'}; lower --learning_rate or "
-                        "check the data")
+            batch = engine.cast_inputs(batch)
+            with engine.autocast():
+                loss, logs = engine.module(batch, global_step)
+            # A vote before backward: every rank skips the same micro-step (no backward, no collective mismatch).
+            if not engine.all_ranks_ok(bool(torch.isfinite(loss.detach()).all())):
+                consecutive_bad = skip_nonfinite("loss", consecutive_bad)
                 continue
-            consecutive_bad = 0
             engine.backward(loss)
             report = engine.step()
             if report is None:
                 continue
+            if report.skipped:  # a non-finite gradient norm: the engine did not update the weights
+                consecutive_bad = skip_nonfinite("gradient norm", consecutive_bad)
+                continue
+            consecutive_bad = 0
             global_step += 1
             if ema is not None:
                 ema.update(engine.unwrapped.student)
             elapsed = time.perf_counter() - step_start
             step_start = time.perf_counter()
             scalars = {k: float(v) for k, v in logs.items()}
-            scalars.update({"grad_norm": report.grad_norm, "lr": engine.lr_scheduler.get_last_lr()[0],
+            scalars.update({"grad_norm": report.grad_norm, "grad_clipped": float(report.clipped), "lr": report.lr,
                             "step_time_s": elapsed,
                             "samples_per_s": args.train_batch_size * args.gradient_accumulation_steps * world
                             / max(elapsed, 1e-9)})
@@ -376,16 +372,6 @@ def train(args) -> dict:
         trackers.close()
     return {"global_step": global_step, "counters": counters, "output_dir": str(args.output_dir),
             "latest_checkpoint": str(checkpoints.latest())}
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _progress(enabled: bool, initial: int, total: int):
