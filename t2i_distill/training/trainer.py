@@ -208,6 +208,7 @@ def train(args) -> dict:
     """Run a distillation from parsed ``args``; returns a summary (final step, counters, paths)."""
     from t2i_distill.data import DataConfig, TrainData, encode_batch, load_cache_manifest
     from t2i_distill.training import EMA, CheckpointManager, EngineConfig, build_engine, check_writable, export_student
+    from t2i_distill.training.engine import seed_everything
 
     check_writable(args.output_dir, min_free_bytes=int(args.min_free_disk_gb * 2**30))
     backend = resolve_backend(args)
