@@ -204,8 +204,12 @@ def steps_per_epoch(data, args, world_size: int) -> int | None:
 
 
 # -- the loop -----------------------------------------------------------------------------------------------------
-def train(args) -> dict:
-    """Run a distillation from parsed ``args``; returns a summary (final step, counters, paths)."""
+def train(args, on_finish=None) -> dict:
+    """Run a distillation from parsed ``args``; returns a summary (final step, counters, paths).
+
+    ``on_finish(engine)``, when given, is called on every rank after the last step, before the engine is closed
+    (tests use it to read each rank's weights).
+    """
     from t2i_distill.data import DataConfig, TrainData, encode_batch, load_cache_manifest
     from t2i_distill.training import EMA, CheckpointManager, EngineConfig, build_engine, check_writable, export_student
     from t2i_distill.training.engine import seed_everything
@@ -361,16 +365,19 @@ def train(args) -> dict:
                 scalars["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             trackers.log(scalars, global_step)
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss):.4g}", samples_s=f"{scalars['samples_per_s']:.2f}")
+            progress.set_postfix(loss=f"{float(loss.detach()):.4g}", samples_s=f"{scalars['samples_per_s']:.2f}")
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 save(global_step)
             if validator is not None and global_step % args.validation_steps == 0:
                 for tag, grid in validator.run(engine.unwrapped.student, ema, global_step).items():
                     trackers.log_images(tag, grid, global_step)
             engine.barrier()
+        if on_finish is not None:
+            on_finish(engine)
     finally:
         progress.close()
         trackers.close()
+        engine.close()
     return {"global_step": global_step, "counters": counters, "output_dir": str(args.output_dir),
             "latest_checkpoint": str(checkpoints.latest())}
 

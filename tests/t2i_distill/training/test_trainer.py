@@ -1,0 +1,192 @@
+"""The trainer end to end on the tiny offline FLUX folder: sCM and MeanFlow through every JVP mode and data path,
+exact resume, NaN/inf steps, refusals before training, and real 2-process runs for every backend (gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2i_distill.training.args import parse_args
+from t2i_distill.training.trainer import NonFiniteLossError, train
+
+REPO = Path(__file__).resolve().parents[3]
+WORKER = Path(__file__).with_name("trainer_worker.py")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    from t2i_distill.tiny_pipeline import write_tiny_flux_pipeline
+
+    return write_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny") / "flux", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Eight captioned 40×32 images (a shorter side to resize, a long side to crop) and one corrupt file."""
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("images")
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green", "red", "blue", "green", "red", "blue"]):
+        image = Image.new("RGB", (40, 32), "white")
+        ImageDraw.Draw(image).ellipse((4 + i, 4, 24 + i, 24), fill=colour)
+        image.save(root / f"{i}.png")
+        lines.append({"file_name": f"{i}.png", "text": f"one {colour} circle"})
+    (root / "broken.png").write_bytes(b"not a png")
+    lines.append({"file_name": "broken.png", "text": "a broken file"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def flags(folder: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(folder), "--train_data_dir", str(images), "--resolution", "32",
+            "--train_batch_size", "2", "--max_sequence_length", "8", "--cpu", "--output_dir", str(out),
+            "--report_to", "none", "--seed", "0", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", *extra]
+
+
+def student_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / f"transformer_{step}.safetensors"))
+
+
+@pytest.mark.parametrize("method, jvp", [("scm", "dual"), ("meanflow", "dual"), ("scm", "func"),
+                                         ("meanflow", "reference")])
+def test_a_short_run_trains_and_exports(folder, images, tmp_path, method, jvp):
+    out = tmp_path / "run"
+    summary = train(parse_args(method, flags(folder, images, out, "--max_train_steps", "2", "--jvp", jvp,
+                                             "--checkpointing_steps", "2")))
+    assert summary["global_step"] == 2 and summary["counters"]["nonfinite_skipped"] == 0
+    assert (out / "checkpoint-2").is_dir() and not list(out.glob(".tmp*"))
+    trained = student_weights(out, 2)
+    from t2i_distill.models import load_student
+
+    start, _ = load_student(folder, kind="trigflow" if method == "scm" else "meanflow")
+    changed = [k for k, v in start.state_dict().items() if k in trained and not torch.equal(v, trained[k])]
+    assert changed, "no student weight changed in two optimizer steps"
+    assert all(torch.isfinite(v).all() for v in trained.values())
+
+
+def test_resume_is_exact(folder, images, tmp_path):
+    """4 steps straight == 2 steps, stop, resume from the checkpoint, 2 more: same weights, optimizer, data order."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("--jvp", "reference", "--checkpointing_steps", "2", "--ema_decay", "0.9")
+    train(parse_args("scm", flags(folder, images, straight, "--max_train_steps", "4", *common)))
+    train(parse_args("scm", flags(folder, images, split, "--max_train_steps", "2", *common)))
+    train(parse_args("scm", flags(folder, images, split, "--max_train_steps", "4", "--resume_from_checkpoint",
+                                  "latest", *common)))
+    a, b = student_weights(straight, 4), student_weights(split, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("optimizer.pt", "extra.pt"):
+        sa = torch.load(straight / "checkpoint-4" / name, weights_only=True)
+        sb = torch.load(split / "checkpoint-4" / name, weights_only=True)
+        assert _equal(sa, sb), name  # optimizer moments, EMA, sampler position and counters
+    assert not torch.equal(a["x_embedder.weight"], student_weights(split, 2)["x_embedder.weight"])
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(folder, images, tmp_path, monkeypatch):
+    from t2i_distill import losses
+
+    real, calls = losses.scm_loss, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        loss, logs = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:  # one isolated bad step, then bad forever
+            loss = loss * float("nan")
+        return loss, logs
+
+    monkeypatch.setattr(losses, "scm_loss", flaky)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is .*checkpoint-2"):
+        train(parse_args("scm", flags(folder, images, out, "--max_train_steps", "50", "--jvp", "reference",
+                                      "--checkpointing_steps", "1", "--max_nonfinite_steps", "3")))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert torch.load(out / "checkpoint-2" / "extra.pt", weights_only=True)["trainer"]["counters"] == {
+        "nonfinite_skipped": 1}
+
+
+def test_unwritable_output_dir_fails_before_any_model_is_loaded(folder, images, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="file"):
+        train(parse_args("scm", flags(folder, images, blocker / "out", "--max_train_steps", "1")))
+
+
+def test_micro_batch_must_match_the_deepspeed_json(folder, images, tmp_path):
+    json_path = REPO / "parallel_config" / "deepspeed_bf16_batch8.json"
+    args = parse_args("scm", flags(folder, images, tmp_path / "ds", "--max_train_steps", "1",
+                                   "--deepspeed_config", str(json_path)))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        train(args)
+
+
+def test_gradient_checkpointing_is_honoured_and_never_switched_on_behind_the_users_back(folder, images, tmp_path,
+                                                                                        monkeypatch):
+    from t2i_distill.training import trainer
+
+    seen = []
+    real = trainer.prepare_student
+
+    def spy(student, args):
+        real(student, args)
+        seen.append(student.gradient_checkpointing)
+
+    monkeypatch.setattr(trainer, "prepare_student", spy)
+    train(parse_args("meanflow", flags(folder, images, tmp_path / "off", "--max_train_steps", "1", "--jvp",
+                                       "reference")))
+    train(parse_args("meanflow", flags(folder, images, tmp_path / "on", "--max_train_steps", "1", "--jvp", "func",
+                                       "--gradient_checkpointing")))
+    assert seen == [False, True]
+    with pytest.raises(ValueError, match="--gradient_checkpointing"):
+        train(parse_args("scm", flags(folder, images, tmp_path / "dual", "--max_train_steps", "1",
+                                      "--gradient_checkpointing")))
+
+
+# -- multi-process ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "deepspeed"])
+def test_two_processes_train_and_agree(folder, images, tmp_path, backend):
+    """torchrun, 2 gloo processes, 4 optimizer steps: finite losses and the same weights on both ranks."""
+    out = tmp_path / backend
+    extra = ["--max_train_steps", "4", "--jvp", "reference", "--checkpointing_steps", "4", "--backend", backend,
+             "--train_batch_size", "1"]
+    if backend == "deepspeed":
+        config = tmp_path / "ds.json"
+        ds = json.loads((REPO / "parallel_config" / "deepspeed_bf16_batch1.json").read_text())
+        ds["bf16"]["enabled"] = False  # CPU: fp32
+        config.write_text(json.dumps(ds))
+        extra += ["--deepspeed_config", str(config)]
+    args = flags(folder, images, out, *extra)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(WORKER), "scm", *args], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    states = [torch.load(out / f"rank{r}_state.pt", weights_only=True) for r in (0, 1)]
+    assert states[0].keys() == states[1].keys() and states[0]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    summary = json.loads((out / "rank0_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["counters"]["nonfinite_skipped"] == 0
+    assert (out / "checkpoint-4").is_dir() and (out / "transformer_4.safetensors").is_file()
