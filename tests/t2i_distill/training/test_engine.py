@@ -186,5 +186,26 @@ def test_ddp_in_a_lone_process_makes_its_own_one_member_group():
     assert not torch.distributed.is_initialized()
 
 
+def test_checkpoint_size_estimate_counts_fp32_weights_and_adam_states():
+    model = nn.Linear(10, 10)  # 110 parameters
+    model.bias.requires_grad_(False)
+    engine = build_engine(EngineConfig(cpu=True), model=model, optimizer_factory=lambda p: torch.optim.AdamW(p))
+    assert engine.checkpoint_bytes_estimate() == 4 * (110 + 2 * 100)
+
+
+def test_bf16_on_single_is_autocast_over_fp32_masters_and_inputs_stay_fp32():
+    model = nn.Linear(3, 2)
+    engine = build_engine(EngineConfig(cpu=True, mixed_precision="bf16"), model=model,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    tree = {"x": torch.randn(2, 3, dtype=torch.float64), "ids": [torch.arange(3), "text"], "n": 4}
+    cast = engine.cast_inputs(tree)
+    assert cast["x"].dtype == torch.float32 and cast["ids"][0].dtype == torch.int64 and cast["ids"][1] == "text"
+    with engine.autocast():
+        out = engine.module(cast["x"])
+    assert out.dtype == torch.bfloat16 and model.weight.dtype == torch.float32
+    engine.backward(out.float().sum())
+    assert model.weight.grad.dtype == torch.float32
+
+
 def test_backends_constant_lists_what_the_tests_cover():
     assert BACKENDS == ("single", "ddp", "fsdp2", "deepspeed")
