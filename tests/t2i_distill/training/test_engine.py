@@ -59,6 +59,9 @@ def _check_results(results: dict, world_size: int) -> None:
     assert resume["weights_equal"] and resume["optimizer_equal"] and resume["lr_equal"] and resume["batches_equal"]
     assert resume["ranks_agree"] and resume["weights_changed"]
 
+    failed = results["failed_save"]
+    assert failed["raised_everywhere"] and failed["folders"] == ["checkpoint-1"] and failed["previous_loads"]
+
     clip = results["clip"]
     for row in clip["clipped"]:
         assert row["grad_norm"] > 0.05 and row["clipped"]
