@@ -366,7 +366,8 @@ class Engine:
         """True when ``ok`` is True on every rank (a collective)."""
         if not (self.distributed and self.world_size > 1):
             return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        # on the engine's device: NCCL only reduces CUDA tensors
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) == 0
 
@@ -383,11 +384,25 @@ class Engine:
             return {}
         return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.unwrapped.state_dict().items()}
 
+    def checkpoint_bytes_estimate(self, optimizer_states_per_param: int = 2) -> int:
+        """A size estimate of one checkpoint (for ``check_writable``'s ``min_free_bytes``): every parameter in fp32
+        for the model plus ``optimizer_states_per_param`` fp32 tensors per trainable parameter (AdamW: 2)."""
+        numel = sum(_local_numel(p) for p in self.unwrapped.parameters()) * max(self.world_size, 1)
+        trainable = sum(_local_numel(p) for p in self.trainable_parameters) * max(self.world_size, 1)
+        if self.backend in ("single", "ddp", "deepspeed"):  # replicated parameters: no per-rank sum
+            numel //= max(self.world_size, 1)
+            trainable //= max(self.world_size, 1)
+        return 4 * (numel + optimizer_states_per_param * trainable)
+
     def close(self) -> None:
         """Destroy the process group if this engine created it."""
         if self._env.created_group and dist.is_initialized():
             dist.destroy_process_group()
             self._env.created_group = False
+
+
+def _local_numel(param: torch.Tensor) -> int:
+    return (param.to_local() if hasattr(param, "to_local") else param).numel()
 
 
 def _shard_fsdp2(model: nn.Module, config: EngineConfig) -> None:

@@ -232,9 +232,49 @@ def scenario_flux(backend: str, workdir: Path) -> dict:
     }
 
 
+def scenario_failed_save(backend: str, workdir: Path) -> dict:
+    """The last rank fails writing its RNG file during the second save: every rank must raise, and the first
+    checkpoint must stay the latest, loadable, with no second or temporary folder left."""
+    from t2i_distill.training import checkpoint
+
+    def make_engine(seed: int):
+        return build_engine(config(backend), model=build_mlp(seed),
+                            optimizer_factory=lambda p: torch.optim.AdamW(p, lr=1e-2))
+
+    engine = make_engine(0)
+    run_updates(engine, 1)
+    manager = CheckpointManager(workdir / "failed_save")
+    manager.save(1, engine)
+    saved = digest(full_parameters(engine))
+    run_updates(engine, 1)
+    real_save = checkpoint._torch_save
+    failing_rank = engine.world_size - 1
+
+    def failing_save(obj, path):
+        if engine.rank == failing_rank and path.name.startswith("rng_state_"):
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    checkpoint._torch_save = failing_save
+    try:
+        manager.save(2, engine)
+        raised = False
+    except RuntimeError:
+        raised = True
+    finally:
+        checkpoint._torch_save = real_save
+    engine.barrier()
+    names = sorted(p.name for p in manager.output_dir.iterdir())
+    fresh = make_engine(5)
+    manager.load("latest", fresh)
+    return {"raised_everywhere": all_equal(engine, str(raised)) and raised, "folders": names,
+            "previous_loads": digest(full_parameters(fresh)) == saved}
+
+
 def run_all(backend: str, workdir: Path) -> dict:
     results = {"world_size": 1}
     results["resume"] = scenario_resume(backend, workdir)
+    results["failed_save"] = scenario_failed_save(backend, workdir)
     results["clip"] = scenario_clip(backend)
     results["accumulation"] = scenario_accumulation(backend)
     results["flux"] = scenario_flux(backend, workdir)

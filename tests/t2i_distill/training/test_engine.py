@@ -2,7 +2,8 @@
 
 ``single`` runs the scenarios in-process; ``ddp``, ``fsdp2`` and ``deepspeed`` run them as 2 gloo processes through
 ``torchrun`` (``engine_scenarios.py``). Measured on the 2-core CPU machine (no GPU, shared with other jobs):
-single ≈ 45 s, ddp ≈ 65 s, fsdp2 ≈ 80 s, deepspeed ≈ 95 s wall; the distributed ones are marked ``slow``.
+single ≈ 40 s, ddp ≈ 60–70 s, fsdp2 ≈ 75–100 s, deepspeed ≈ 85–95 s wall (most of it importing torch, diffusers
+and DeepSpeed in two processes on two busy cores); the distributed ones are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def _check_results(results: dict, world_size: int) -> None:
     assert resume["weights_equal"] and resume["optimizer_equal"] and resume["lr_equal"] and resume["batches_equal"]
     assert resume["ranks_agree"] and resume["weights_changed"]
 
+    failed = results["failed_save"]
+    assert failed["raised_everywhere"] and failed["folders"] == ["checkpoint-1"] and failed["previous_loads"]
+
     clip = results["clip"]
     for row in clip["clipped"]:
         assert row["grad_norm"] > 0.05 and row["clipped"]
@@ -83,6 +87,15 @@ def test_single_backend_trains_resumes_clips_and_accumulates(tmp_path):
     results = engine_scenarios.run_all("single", tmp_path)
     _check_results(results, world_size=1)
     assert results["flux"]["param_dtype"] == "torch.float32"  # autocast: fp32 masters
+
+
+def test_the_resume_check_catches_a_missed_rng_restore(tmp_path, monkeypatch):
+    from t2i_distill.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_set_rng_state", lambda state: None)
+    resume = engine_scenarios.scenario_resume("single", tmp_path)
+    assert not resume["batches_equal"] and not resume["weights_equal"]
+    assert resume["extra_round_trip"]  # everything else still loads
 
 
 @pytest.mark.slow
@@ -184,6 +197,27 @@ def test_ddp_in_a_lone_process_makes_its_own_one_member_group():
     finally:
         engine.close()
     assert not torch.distributed.is_initialized()
+
+
+def test_checkpoint_size_estimate_counts_fp32_weights_and_adam_states():
+    model = nn.Linear(10, 10)  # 110 parameters
+    model.bias.requires_grad_(False)
+    engine = build_engine(EngineConfig(cpu=True), model=model, optimizer_factory=lambda p: torch.optim.AdamW(p))
+    assert engine.checkpoint_bytes_estimate() == 4 * (110 + 2 * 100)
+
+
+def test_bf16_on_single_is_autocast_over_fp32_masters_and_inputs_stay_fp32():
+    model = nn.Linear(3, 2)
+    engine = build_engine(EngineConfig(cpu=True, mixed_precision="bf16"), model=model,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    tree = {"x": torch.randn(2, 3, dtype=torch.float64), "ids": [torch.arange(3), "text"], "n": 4}
+    cast = engine.cast_inputs(tree)
+    assert cast["x"].dtype == torch.float32 and cast["ids"][0].dtype == torch.int64 and cast["ids"][1] == "text"
+    with engine.autocast():
+        out = engine.module(cast["x"])
+    assert out.dtype == torch.bfloat16 and model.weight.dtype == torch.float32
+    engine.backward(out.float().sum())
+    assert model.weight.grad.dtype == torch.float32
 
 
 def test_backends_constant_lists_what_the_tests_cover():
