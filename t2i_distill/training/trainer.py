@@ -278,6 +278,9 @@ def train(args, on_finish=None) -> dict:
                             None if null_condition is None else tuple(t.to(device) for t in null_condition))
     engine = build_engine(engine_cfg, model=pair, optimizer_factory=build_optimizer_factory(args),
                           lr_scheduler_factory=build_scheduler_factory(args, args.max_train_steps))
+    # Room for two checkpoints (the new one is complete before the old one is pruned), before the first step.
+    check_writable(args.output_dir, min_free_bytes=int(args.min_free_disk_gb * 2**30)
+                   + 2 * engine.checkpoint_bytes_estimate())
     ema = EMA(engine.unwrapped.student, args.ema_decay) if args.ema_decay else None
     checkpoints = CheckpointManager(args.output_dir, total_limit=args.checkpoints_total_limit)
     global_step, counters = 0, {"nonfinite_skipped": 0}
@@ -304,9 +307,10 @@ def train(args, on_finish=None) -> dict:
         validator = Validator(args, text_encoders, vae, device)
 
     def save(step: int) -> Path:
-        extra = {"trainer": {"global_step": step, "counters": counters}, "sampler": data.state_dict(),
-                 "ema": None if ema is None else ema.state_dict()}
-        path = checkpoints.save(step, engine, extra=extra)
+        extra = {"trainer": {"global_step": step, "counters": counters}, "sampler": data.state_dict()}
+        # The EMA per rank: under FSDP2 each rank's shadow holds its own shards.
+        per_rank = {} if ema is None else {"ema": ema.state_dict()}
+        path = checkpoints.save(step, engine, extra=extra, per_rank_extra=per_rank)
         state = engine.state_dict_for_export()
         if engine.is_main:
             student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
