@@ -109,16 +109,3 @@ def test_empty_glob_and_mixed_file_kinds_are_errors(tmp_path):
     (tmp_path / "b.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match=r"one kind\), got \['.parquet', '.tar'\]"):
         resolve_source(DataConfig(dataset_name=str(tmp_path / "*")))
-
-
-def test_config_validation_names_the_argument():
-    with pytest.raises(ValueError, match="no data source"):
-        DataConfig()
-    with pytest.raises(ValueError, match="`resolution`: expected a positive multiple of 16.*got 500"):
-        DataConfig(dataset_name="x/y", resolution=500)
-    with pytest.raises(ValueError, match="`max_train_samples`"):
-        DataConfig(dataset_name="x/y", max_train_samples=0)
-    with pytest.raises(TypeError, match="`dataset_name`: expected a str"):
-        DataConfig(dataset_name=3)
-    with pytest.raises(ValueError, match="`train_data_dir`: expected an existing folder"):
-        resolve_source(DataConfig(train_data_dir="/no/such/dir"))
