@@ -84,9 +84,9 @@ def test_a_source_where_everything_fails_raises(tmp_path):
         TrainData(DataConfig(dataset_name=str(tmp_path / "bad"), resolution=R), batch_size=2, rank=7, world_size=8)
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_resume_continues_with_the_next_unseen_batch(data_root, streaming):
-    cfg = _cfg(data_root, streaming=streaming)
+@pytest.mark.parametrize(("name", "streaming"), [("tar", False), ("tar", True), ("parquet", True)])
+def test_resume_continues_with_the_next_unseen_batch(data_root, hf_cache, name, streaming):
+    cfg = _cfg(data_root, name, streaming=streaming, cache_dir=hf_cache)
     full = TrainData(cfg, batch_size=3, seed=11, rank=1, world_size=2)
     it = iter(full)
     first = [next(it) for _ in range(5)]  # crosses the epoch boundary (10 good records per rank)
@@ -108,3 +108,13 @@ def test_workers_give_the_same_stream_and_resume_point(data_root):
         a, b = next(it_plain), next(it_workers)
         assert a["ids"] == b["ids"] and torch.equal(a["pixel_values"], b["pixel_values"])
     assert plain.state_dict() == workers.state_dict()  # prefetched records are not counted
+
+
+def test_streaming_shares_are_disjoint_and_reshuffled_per_epoch(data_root, hf_cache, items):
+    cfg = _cfg(data_root, "parquet", streaming=True, cache_dir=hf_cache)
+    shares = [_one_epoch_ids(TrainData(cfg, batch_size=1, seed=5, rank=r, world_size=2)) for r in range(2)]
+    everything = [i for s in shares for i in s]
+    assert len(everything) == len(set(everything)) == sum(i.good for i in items)
+    good = sum(i.good for i in items)
+    a = _ids(TrainData(cfg, batch_size=good, seed=5), 2)  # two epochs of one rank
+    assert sorted(a[:good]) == sorted(a[good:]) and a[:good] != a[good:]
