@@ -76,11 +76,11 @@ def load_pipeline(
         transformer = transformer.to(torch_dtype)
     components = {} if transformer is None else {"transformer": transformer}
     if method == "teacher":
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch_dtype, **components, **kw)
+        pipe = FluxPipeline.from_pretrained(path, dtype=torch_dtype, **components, **kw)
     elif method == "scm":
         scheduler = SCMScheduler(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
-        pipe = FluxSCMPipeline.from_pretrained(path, torch_dtype=torch_dtype, scheduler=scheduler, **components, **kw)
+        pipe = FluxSCMPipeline.from_pretrained(path, dtype=torch_dtype, scheduler=scheduler, **components, **kw)
     else:
-        pipe = FluxMeanFlowPipeline.from_pretrained(path, torch_dtype=torch_dtype, **components, **kw)
+        pipe = FluxMeanFlowPipeline.from_pretrained(path, dtype=torch_dtype, **components, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
