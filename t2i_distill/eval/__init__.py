@@ -7,3 +7,12 @@
 
 Nothing here is imported eagerly (the modules pull in torch/diffusers only when used).
 """
+
+
+def add_subparsers(subparsers) -> None:
+    """Register ``sample``, ``geneval``, ``score`` and ``shapes`` on a ``t2i-distill`` subparsers object."""
+    from t2i_distill.eval import geneval, scorer, shapes
+    from t2i_distill.pipelines import sample
+
+    for module in (sample, geneval, scorer, shapes):
+        module.add_subparser(subparsers)

@@ -128,3 +128,24 @@ def test_a_meanflow_student_is_refused(tiny_folder):
 def test_bad_call_arguments_name_themselves(scm_fp32, kwargs, error, match):
     with pytest.raises(error, match=match):
         scm_fp32(PROMPT, **{**CALL, **kwargs})
+
+
+def test_max_sequence_length_and_guidance_reach_the_transformer(scm_fp32):
+    with recorded_calls(scm_fp32.transformer) as calls:
+        scm_fp32(PROMPT, num_inference_steps=1, guidance_scale=4.5, output_type="latent",
+                 **{**CALL, "max_sequence_length": 24})
+    assert calls[0]["encoder_hidden_states"].shape == (1, 24, 32)
+    assert calls[0]["guidance"].tolist() == [4.5]
+
+
+def test_eval_registers_every_command():
+    import argparse
+
+    from t2i_distill.eval import add_subparsers
+
+    parser = argparse.ArgumentParser()
+    add_subparsers(parser.add_subparsers(dest="command"))
+    for argv in (["score", "out"], ["shapes", "--output_dir", "d"],
+                 ["sample", "--pretrained_model_name_or_path", "p", "--prompt", "x", "--output_dir", "o"],
+                 ["geneval", "--pretrained_model_name_or_path", "p", "--metadata", "m", "--output_dir", "o"]):
+        assert parser.parse_args(argv).command == argv[0]
