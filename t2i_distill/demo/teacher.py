@@ -11,12 +11,12 @@
 4. writes a diffusers FLUX folder (``model_index.json``, vae, text encoders + tokenizers, scheduler, transformer) and
    ``demo_teacher.json`` (seed, steps, wall time, quality, sha256 of every file) and ``samples.png`` beside it.
 
-The transformer is saved as ``["t2i_distill.models.flux", "FluxStudent"]`` in ``model_index.json``. diffusers 0.42
-resolves a non-diffusers library only from ``sys.modules``: ``FluxPipeline.from_pretrained(folder)`` therefore
-raises a ``ValueError`` unless ``t2i_distill.models.flux`` was imported, and with it loaded it builds the ×1
-``FluxStudent`` (never stock ×1000 FLUX). :func:`load_demo_pipeline` does the import. Loading the transformer
-folder *directly* as ``FluxTransformer2DModel`` would ignore ``time_scale`` (diffusers warns) and be wrong: use
-:func:`t2i_distill.models.load_student`.
+The transformer is recorded as ``["t2i_distill.demo.components", "FluxStudent"]`` in ``model_index.json``.
+diffusers 0.42 resolves a non-diffusers library only from ``sys.modules``: ``FluxPipeline.from_pretrained(folder)``
+therefore raises a ``ValueError`` unless :mod:`t2i_distill.demo.components` was imported, and with it loaded it
+builds the ×1 ``FluxStudent`` (never stock ×1000 FLUX). :func:`load_demo_pipeline` does the import. Loading the
+transformer folder *directly* as ``FluxTransformer2DModel`` would ignore ``time_scale`` (diffusers warns) and be
+wrong: use :func:`t2i_distill.models.load_student`.
 
 Sampling conventions to reuse (also in ``demo_teacher.json``): ``height = width = 32``, ``max_sequence_length=16``,
 any guidance in [1, 6] (the teacher was trained with g ~ U(1, 6) and ignores it), empty prompt " " for unconditional.
@@ -101,11 +101,11 @@ class DemoTeacherConfig:
 
     resolution: int = 32
     num_images: int = 2048
-    vae_steps: int = 300
+    vae_steps: int = 200
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
-    flow_steps: int = 1000
+    flow_steps: int = 700
     flow_batch_size: int = 64
     flow_lr: float = 1e-3
     ema_decay: float = 0.995
@@ -142,12 +142,12 @@ def demo_teacher_path() -> Path:
 def load_demo_pipeline(path: str | os.PathLike | None = None, **kwargs):
     """``FluxPipeline.from_pretrained`` of the demo teacher (default: the shipped folder), transformer ×1.
 
-    Imports :mod:`t2i_distill.models.flux` first so diffusers can resolve the ``FluxStudent`` that
+    Imports :mod:`t2i_distill.demo.components` first so diffusers can resolve the ``FluxStudent`` that
     ``model_index.json`` names; ``kwargs`` go to ``from_pretrained``.
     """
     from diffusers import FluxPipeline
 
-    import t2i_distill.models.flux  # noqa: F401  (makes FluxStudent resolvable by diffusers' loader)
+    import t2i_distill.demo.components  # noqa: F401  (makes FluxStudent resolvable by diffusers' loader)
 
     return FluxPipeline.from_pretrained(os.fspath(demo_teacher_path() if path is None else path), **kwargs)
 
@@ -178,6 +178,17 @@ def folder_checksums(folder: str | os.PathLike) -> dict[str, str]:
         for path in sorted(root.rglob("*"))
         if path.is_file() and path.name not in (_METADATA, _SAMPLES)
     }
+
+
+def _point_model_index_at_components(folder: Path) -> None:
+    """Record the transformer under :mod:`t2i_distill.demo.components` (diffusers saved its defining module, which
+    its loader cannot use: see that module)."""
+    from t2i_distill.demo.components import TRANSFORMER_ENTRY
+
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["transformer"] = TRANSFORMER_ENTRY
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _build_models(config: DemoTeacherConfig, seed: int):
@@ -250,6 +261,7 @@ def train_demo_teacher(output_dir: str | os.PathLike, seed: int = 0, *, steps: i
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    _point_model_index_at_components(out)
     train_seconds = time.perf_counter() - started
 
     quality = None
