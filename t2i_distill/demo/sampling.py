@@ -43,15 +43,15 @@ def sample_grid(pipe, config, seed: int, png_path: str | os.PathLike) -> dict[st
 
     Sample ``k`` asks for scene ``k mod 48``; the grid has 16 columns: (colour, count) within a shape's row.
     """
-    from t2i_distill.demo._shapes import BACKGROUND, PALETTE, scene_for_index
     from t2i_distill.demo.quality import score_samples
+    from t2i_distill.eval.shapes import scene_for_index
 
     scenes = [scene_for_index(k) for k in range(config.quality_samples)]
     images = sample_images(pipe, [scene.caption for scene in scenes], resolution=config.resolution,
                            steps=config.quality_steps, guidance=config.quality_guidance,
                            max_sequence_length=config.max_sequence_length, seed=seed + 2)
     save_grid(images, Path(png_path), columns=16)
-    labels = [(scene.count, scene.color, scene.shape) for scene in scenes]
-    score = score_samples(images, labels, PALETTE, BACKGROUND)
-    return {"colour_accuracy": score.colour_accuracy, "count_accuracy": score.count_accuracy,
-            "num_samples": score.num_samples, "steps": config.quality_steps, "guidance": config.quality_guidance}
+    score = score_samples(images, scenes)
+    return {"colour_accuracy": score.colour_accuracy, "shape_accuracy": score.shape_accuracy,
+            "count_accuracy": score.count_accuracy, "num_samples": score.num_samples, "steps": config.quality_steps,
+            "guidance": config.quality_guidance}

@@ -155,9 +155,10 @@ def load_demo_pipeline(path: str | os.PathLike | None = None, **kwargs):
 def draw_dataset(num_images: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """Images 0…N−1 of the synthetic shapes set as fp32 (N, 3, R, R) in [-1, 1], and their captions.
 
-    Image ``i`` is scene ``i mod 48`` drawn with layout seed ``seed·1000003 + i`` (the imagefolder writer's rule).
+    Image ``i`` is scene ``i mod 48`` drawn with layout seed ``seed·1000003 + i``: the same images as
+    :func:`t2i_distill.eval.shapes.write_shapes_dataset` writes for ``seed`` (tested).
     """
-    from t2i_distill.demo._shapes import draw_scene, scene_for_index
+    from t2i_distill.eval.shapes import draw_scene, scene_for_index
 
     scenes = [scene_for_index(i) for i in range(num_images)]
     pixels = np.stack([np.asarray(draw_scene(scene, resolution, seed * 1_000_003 + i)[0], dtype=np.uint8)

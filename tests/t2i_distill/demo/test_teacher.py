@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ from t2i_distill.demo.teacher import (
     DemoTeacherConfig,
     add_subparser,
     demo_teacher_path,
+    draw_dataset,
     folder_checksums,
     load_demo_pipeline,
     train_demo_teacher,
@@ -130,6 +132,20 @@ def test_shipped_folder_matches_what_the_command_writes_for_its_seed(regenerated
         else:
             assert (shipped / name).read_bytes() == (fresh / name).read_bytes(), name
     assert metadata["quality"]["colour_accuracy"] >= 0.75, metadata["quality"]
+
+
+def test_dataset_is_the_shapes_imagefolder_of_the_same_seed(tmp_path):
+    from PIL import Image
+
+    from t2i_distill.eval.shapes import write_shapes_dataset
+
+    images, captions = draw_dataset(5, 32, seed=3)
+    folder = write_shapes_dataset(tmp_path / "shapes", num_images=5, resolution=32, seed=3)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert captions == [row["text"] for row in rows]
+    written = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / row["file_name"]).convert("RGB")))
+                           for row in rows])
+    assert torch.equal(images, written.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
 
 
 def test_bad_arguments(tmp_path):
