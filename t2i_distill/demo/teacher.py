@@ -101,7 +101,7 @@ class DemoTeacherConfig:
 
     resolution: int = 32
     num_images: int = 2048
-    vae_steps: int = 200
+    vae_steps: int = 300
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
