@@ -1,4 +1,5 @@
-"""Student steps (sCM, MeanFlow): per-pass time of the reference, the patched model and the dual forward.
+"""Student steps (sCM, MeanFlow): per-pass time of the reference, the patched model and the dual forward; and the
+whole training step (teacher + JVP + student + backward + optimizer) per JVP mode, with its phase split.
 
 A FLUX.1-lite-8B-width model on GPUs (default one double + one single block at 512 px; set T2I_BENCH_DOUBLE,
 T2I_BENCH_SINGLE, T2I_BENCH_RESOLUTION, T2I_BENCH_BATCH for other depths, e.g. 8 + 38 for the whole student), the
@@ -12,7 +13,7 @@ import os
 import pytest
 
 from bench.conftest import DEVICE, DTYPE, HAS_CUDA, sync
-from t2i_distill.benchmarks.steps import STEP_PAIRS, StepConfig, step_timing_cases
+from t2i_distill.benchmarks.steps import STEP_PAIRS, StepConfig, step_timing_cases, training_step_cases
 
 
 def _config(method: str) -> StepConfig:
@@ -39,3 +40,25 @@ def test_student_step(benchmark, method, mode, provider):
         sync()
 
     benchmark.pedantic(target, rounds=10 if HAS_CUDA else 2, warmup_rounds=2 if HAS_CUDA else 1)
+
+
+@pytest.mark.parametrize("jvp_mode", ["reference", "func", "dual"])
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_training_step(benchmark, method, jvp_mode):
+    """The whole training step (teacher + JVP + student + backward + AdamW) with the real loss in ``jvp_mode``; the
+    per-phase split of the same step (ms, and peak GiB on CUDA) goes into ``extra_info["phases"]``."""
+    from t2i_distill.benchmarks.steps import training_step_rows
+
+    cfg = _config(method)
+    (case,) = training_step_cases(cfg, DEVICE, DTYPE, modes=(jvp_mode,))
+    benchmark.group = f"{cfg.label} train-step"
+    phases = {r["mode"]: {"p50_ms": r.get("p50_ms"), "peak_extra_gib": r.get("peak_extra_gib"), "error": r["error"]}
+              for r in training_step_rows(cfg, DEVICE, DTYPE, modes=(jvp_mode,), repeats=3 if HAS_CUDA else 1)}
+    benchmark.extra_info.update(op=cfg.label, mode="train-step", provider=jvp_mode, interpreted=not HAS_CUDA,
+                                config=cfg.__dict__, phases=phases)
+
+    def target():
+        case.fn()
+        sync()
+
+    benchmark.pedantic(target, rounds=5 if HAS_CUDA else 1, warmup_rounds=1)

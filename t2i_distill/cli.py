@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_steps.add_argument("--device", default=None)
     p_steps.add_argument("--out", default="-", help="JSON path ('-': none)")
     p_steps.set_defaults(func=_cmd_steps)
+    from t2i_distill.benchmarks.steps import add_training_step_option
+
+    add_training_step_option(p_steps)  # --training-step [JVP_MODE ...]: the whole training step, per phase
 
     from t2i_distill import tiny_pipeline
 

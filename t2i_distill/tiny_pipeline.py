@@ -60,8 +60,23 @@ _FLUX_SCHEDULER = {
 }
 
 
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE as the tokenizer runs it: repeatedly merge the lowest-ranked adjacent pair (leftmost first)."""
+    while True:
+        found = [(ranks[pair], i) for i, pair in enumerate(zip(pieces, pieces[1:])) if pair in ranks]
+        if not found:
+            return pieces
+        _, i = min(found)
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2:]]
+
+
 def _clip_tokenizer():
-    """A CLIP BPE tokenizer: characters (with ``</w>`` word-end forms) + left-to-right merges spelling each word."""
+    """A CLIP BPE tokenizer: characters (with ``</w>`` word-end forms) + merges that make every word one token.
+
+    Each word's merges are appended after running the merges so far on it, combining *that* segmentation left to
+    right: a merge added for a later word ranks below all of an earlier word's merges, so it can never split one
+    (appending each word's letter pairs blindly would let "red"'s ("r", "e") break "green" into four tokens).
+    """
     from transformers import CLIPTokenizer
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
@@ -69,18 +84,17 @@ def _clip_tokenizer():
     vocab: dict[str, int] = {}
     for token in [*chars, *(c + "</w>" for c in chars)]:
         vocab.setdefault(token, len(vocab))
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in TINY_VOCABULARY:
-        pieces = [*word[:-1], word[-1] + "</w>"]
+        pieces = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
         left = pieces[0]
         for right in pieces[1:]:
-            merged = left + right
-            if merged not in vocab:
-                merges.append((left, right))
-                vocab[merged] = len(vocab)
-            left = merged
+            ranks.setdefault((left, right), len(ranks))
+            left = left + right
+            vocab.setdefault(left, len(vocab))
     for token in specials:
         vocab[token] = len(vocab)
+    merges = sorted(ranks, key=ranks.get)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 

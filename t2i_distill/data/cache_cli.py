@@ -45,8 +45,8 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--variant", default=None)
     p.add_argument("--output_dir", required=True, help="cache folder (a rerun resumes it)")
     p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (default: %(default)s)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="encoder and storage dtype (default: %(default)s, as the reference)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="encoder and storage dtype (default: auto = bf16 on CUDA, as the reference; fp32 on CPU)")
     p.add_argument("--batch_size", type=int, default=8, help="images per encoder call (default: %(default)s)")
     p.add_argument("--shard_size", type=int, default=256, help="source records per shard (default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when available, else cpu")

@@ -171,18 +171,20 @@ class TrainData:
                     nxt = (epoch, o + 1) if o + 1 < self.share else (epoch + 1, 0)
                     yield *nxt, (lambda index=index: self._load(index))
             else:
-                seen = 0
+                # One record of lookahead, so that the epoch's last record already carries (epoch + 1, 0), as in
+                # the indexed case: a state saved after it resumes at the next epoch.
                 mine = (r for i, r in enumerate(self.source.iter_records(epoch, self.seed))
                         if i % self.world_size == self.rank)
+                previous = None
                 for o, record in enumerate(mine):
-                    seen += 1
-                    if o < offset:
-                        continue  # resuming: re-read, do not decode
-                    yield epoch, o + 1, (lambda record=record: self._load(record))
-                if seen == 0:
+                    if previous is not None and o > offset:
+                        yield epoch, o, (lambda record=previous: self._load(record))
+                    previous = record
+                if previous is None:
                     raise ValueError(f"{self.source.description}: rank {self.rank} of {self.world_size} got no "
                                      f"record in epoch {epoch}")
-                yield epoch + 1, 0, lambda: None  # epoch boundary marker (no record)
+                if offset < o + 1:
+                    yield epoch + 1, 0, (lambda record=previous: self._load(record))
             epoch, offset = epoch + 1, 0
 
     def _items(self):

@@ -21,8 +21,8 @@ from typing import Iterator
 
 from t2i_distill.data.config import DataConfig
 
-__all__ = ["IMAGE_EXTENSIONS", "IndexedSource", "RawRecord", "SourceSpec", "StreamSource", "open_source",
-           "resolve_source"]
+__all__ = ["IMAGE_EXTENSIONS", "IndexedSource", "RawRecord", "SourceSpec", "StreamSource", "buffer_shuffle",
+           "open_source", "resolve_source"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -95,8 +95,8 @@ class IndexedSource:
 
 
 class StreamSource:
-    """Sequential records: ``iter_records(epoch)`` yields the source once (shuffled from ``seed + epoch`` when the
-    source supports it; ``datasets``' shuffle buffer for hub/local streams, the shard order for ``.tar``)."""
+    """Sequential records: ``iter_records(epoch, seed)`` yields the source once, through a 1000-record shuffle buffer
+    seeded by ``(seed, epoch)`` (``seed=None``: source order)."""
 
     description: str
 
@@ -169,24 +169,44 @@ class DatasetsSource(IndexedSource):
         return RawRecord(_record_id(index, image, self.root), image, row[self.caption_column])
 
 
+def buffer_shuffle(records: Iterator[RawRecord], seed: int | None, epoch: int,
+                   buffer_size: int = 1000) -> Iterator[RawRecord]:
+    """A reproducible shuffle of a stream through a ``buffer_size`` buffer (random from ``(seed, epoch)``); the
+    records keep their ids, which come from the *unshuffled* order, so an image has one id in every epoch."""
+    if seed is None:
+        yield from records
+        return
+    import random
+
+    rng, buffer = random.Random(f"{seed}:{epoch}"), []
+    for record in records:
+        buffer.append(record)
+        if len(buffer) >= buffer_size:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
 class DatasetsStream(StreamSource):
-    """A ``datasets.IterableDataset`` as a stream; epochs reshuffle with a 1000-record buffer."""
+    """A ``datasets.IterableDataset`` as a stream, read in source order (row ids ``row<i>`` are stable) and shuffled
+    per epoch by :func:`buffer_shuffle`."""
 
     def __init__(self, ds, cfg: DataConfig, description: str, root: str | None, shuffle_buffer: int = 1000):
         self.ds = _prepare_columns(ds, cfg, description)
         self.cfg, self.description, self.root, self.shuffle_buffer = cfg, description, root, shuffle_buffer
 
-    def iter_records(self, epoch: int, seed: int | None) -> Iterator[RawRecord]:
-        ds = self.ds
-        if seed is not None:
-            ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
-            ds.set_epoch(epoch)  # datasets reshuffles with seed + epoch
+    def _in_order(self) -> Iterator[RawRecord]:
         limit = self.cfg.max_train_samples
-        for i, row in enumerate(ds):
+        for i, row in enumerate(self.ds):
             if limit is not None and i >= limit:
                 return
             image = row[self.cfg.image_column]
             yield RawRecord(_record_id(i, image, self.root), image, row[self.cfg.caption_column])
+
+    def iter_records(self, epoch: int, seed: int | None) -> Iterator[RawRecord]:
+        return buffer_shuffle(self._in_order(), seed, epoch, self.shuffle_buffer)
 
 
 # -- webdataset-style tar shards ----------------------------------------------------------------------------------
@@ -260,9 +280,7 @@ class TarSource(IndexedSource, StreamSource):
         return RawRecord(f"{Path(s.shard).name}/{s.key}", self._read(s.shard, s.image), caption)
 
     def iter_records(self, epoch: int, seed: int | None) -> Iterator[RawRecord]:
-        # Sequential in archive order; epochs do not reshuffle a tar stream (index it, streaming=False, to shuffle).
-        for i in range(len(self)):
-            yield self[i]
+        return buffer_shuffle((self[i] for i in range(len(self))), seed, epoch)
 
 
 def open_source(cfg: DataConfig) -> IndexedSource | StreamSource:

@@ -14,7 +14,7 @@ import torch
 from t2i_distill.benchmarks.common import TimingCase
 from t2i_distill.benchmarks.ops import OPS, op_case_pairs, op_parity, op_timing_cases
 from t2i_distill.benchmarks.runner import timing_rows
-from t2i_distill.benchmarks.steps import STEP_PAIRS, StepConfig, step_timing_cases
+from t2i_distill.benchmarks.steps import STEP_PAIRS, StepConfig, step_timing_cases, training_step
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +76,48 @@ def test_pytest_benchmark_json_names_every_benchmark_with_its_provider(tmp_path)
                 for m, p in op_case_pairs(OPS[op], compile_provider=False)}
     assert expected <= named
     assert result["t2i_distill"]["git_sha"] and result["t2i_distill"]["env"]["kernel_mode"] == "interpreted"
+
+
+def test_training_step_modes_compute_the_same_loss_and_all_train():
+    """One real step per JVP mode from the same initial weights: equal losses, and the optimizer moved the student."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: avoid thread-pool contention on the shared CPU
+    try:
+        for method in ("scm", "meanflow"):
+            cfg = StepConfig(method=method, resolution=32, text_tokens=3)
+            losses = {mode: training_step(cfg, CPU, torch.float32, mode)() for mode in ("reference", "func", "dual")}
+            assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+            for mode in ("func", "dual"):
+                assert abs(losses[mode] - losses["reference"]) <= 1e-4 * max(1.0, abs(losses["reference"])), losses
+            step = training_step(cfg, CPU, torch.float32, "reference")
+            first, second = step(), step()
+            assert first != second  # AdamW changed the weights between the two identical steps
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_step_rows_report_every_phase_of_the_step():
+    from t2i_distill.benchmarks.steps import PEAK_MEMORY_NOTE, training_phases, training_step_rows
+
+    cfg = StepConfig(method="meanflow", resolution=32, text_tokens=3)
+    rows = training_step_rows(cfg, CPU, torch.float32, modes=("reference",), repeats=2)
+    phases = [r["mode"] for r in rows]
+    assert phases == [*training_phases("meanflow", "reference"), "total"]
+    assert all(r["error"] is None and r["p50_ms"] > 0 for r in rows)
+    assert all(r["peak_extra_gib"] is None for r in rows) and "not measured on the CPU" in PEAK_MEMORY_NOTE
+    total = rows[-1]["p50_ms"]
+    assert sum(r["p50_ms"] for r in rows[:-1]) == pytest.approx(total, rel=0.5)  # medians of parts vs of sums
+    with pytest.raises(ValueError, match="jvp_mode"):
+        training_step(cfg, CPU, torch.float32, "forward")
+
+
+def test_cli_steps_training_step_option(tmp_path, capsys):
+    from t2i_distill import cli
+
+    out = tmp_path / "steps.json"
+    assert cli.main(["steps", "--training-step", "reference", "--method", "scm", "--resolution", "32",
+                     "--text-tokens", "3", "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "backward" in printed and "optimizer" in printed and "peak memory" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"reference"} and rows[-1]["mode"] == "total"

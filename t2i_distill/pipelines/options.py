@@ -1,0 +1,73 @@
+"""Command-line options shared by ``t2i-distill sample`` and ``t2i-distill geneval``: which sampler, which weights,
+and the generation settings, turned into a loaded pipeline and the keyword arguments of its call."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from t2i_distill.pipelines.loading import DEFAULT_STEPS, METHODS, load_pipeline
+
+__all__ = ["DTYPES", "add_model_arguments", "call_options", "pipeline_from_args", "resolve_device"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampler, weights and generation flags (names as the reference's ``test_*.py`` where they exist)."""
+    parser.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="the teacher's diffusers FLUX folder or hub id (text encoders, VAE, scheduler)")
+    parser.add_argument("--method", choices=METHODS, default="scm", help="sampler (default: %(default)s)")
+    parser.add_argument("--student_checkpoint", "--resume_path", dest="student_checkpoint", default=None,
+                        help="transformer_<step>.safetensors / .pt of the student (for --method teacher: the "
+                             "rescaled ×1 teacher; without it the folder's stock ×1000 transformer)")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help=f"sampler steps (default: {', '.join(f'{m} {n}' for m, n in DEFAULT_STEPS.items())})")
+    parser.add_argument("--guidance_scale", type=float, default=3.5,
+                        help="FLUX guidance-embedding value (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=42, help="base seed (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights and sampling dtype (default: bf16 on a GPU, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:$LOCAL_RANK if a GPU)")
+    parser.add_argument("--intermediate_timestep", type=float, default=1.3,
+                        help="sCM, 2 steps: the middle TrigFlow angle (default: %(default)s)")
+    parser.add_argument("--quantize_timesteps", action="store_true",
+                        help="MeanFlow: round the 0-1000 timesteps to the model dtype as the reference (parity only)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name``, or ``cuda:$LOCAL_RANK`` when a GPU is present (one GPU per launched process), else CPU."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def pipeline_from_args(args: argparse.Namespace):
+    """``(pipeline, device)`` for the parsed flags."""
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipe = load_pipeline(args.method, args.pretrained_model_name_or_path, student_checkpoint=args.student_checkpoint,
+                         torch_dtype=dtype, device=device)
+    return pipe, device
+
+
+def call_options(args: argparse.Namespace) -> dict:
+    """The pipeline-call keyword arguments the flags set (sampler-specific options only for their sampler)."""
+    options = {
+        "num_inference_steps": args.num_inference_steps or DEFAULT_STEPS[args.method],
+        "guidance_scale": args.guidance_scale,
+        "height": args.resolution,
+        "width": args.resolution,
+        "max_sequence_length": args.max_sequence_length,
+    }
+    if args.method == "scm":
+        options["intermediate_timestep"] = args.intermediate_timestep
+    if args.method == "meanflow":
+        options["quantize_timesteps"] = args.quantize_timesteps
+    return options
