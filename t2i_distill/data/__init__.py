@@ -10,7 +10,7 @@ batch = encode_batch(next(iter(data)), text_encoders, vae)   # latents, prompt_e
 Importing this package imports neither diffusers nor transformers (nor ``datasets``: sources open it lazily).
 """
 
-from t2i_distill.data.cache import CacheManifest, CacheReader, build_cache, load_cache_manifest
+from t2i_distill.data.cache import CacheManifest, CacheReader, build_cache, load_cache_manifest, load_empty_prompt
 from t2i_distill.data.config import DataConfig
 from t2i_distill.data.encode import encode_batch
 from t2i_distill.data.loader import TrainData
@@ -18,4 +18,5 @@ from t2i_distill.data.sources import open_source, resolve_source
 from t2i_distill.data.transforms import image_to_tensor, resize_center_crop
 
 __all__ = ["CacheManifest", "CacheReader", "DataConfig", "TrainData", "build_cache", "encode_batch",
-           "image_to_tensor", "load_cache_manifest", "open_source", "resize_center_crop", "resolve_source"]
+           "image_to_tensor", "load_cache_manifest", "load_empty_prompt", "open_source", "resize_center_crop",
+           "resolve_source"]

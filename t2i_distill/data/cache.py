@@ -37,13 +37,15 @@ import torch
 from t2i_distill.data.config import DataConfig
 from t2i_distill.data.loader import Skip, load_live_item, rank_and_world
 
-__all__ = ["CACHE_DTYPES", "CacheManifest", "CacheReader", "build_cache", "load_cache_manifest"]
+__all__ = ["CACHE_DTYPES", "CacheManifest", "CacheReader", "build_cache", "load_cache_manifest", "load_empty_prompt"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "t2i-distill-cache"
 CACHE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+#: MeanFlow's prompt-dropout condition, the embedding of " " (so a trainer on the cache needs no text encoder).
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 PLAN_FILE = "cache_plan.json"
 TENSOR_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -117,6 +119,28 @@ def _same_model(a: str | None, b: str | None) -> bool:
     if Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()
     return a == b
+
+
+def _write_empty_prompt(root: Path, text_encoders, max_sequence_length: int, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    empty = text_encoders.encode([" "], max_sequence_length=max_sequence_length)
+    tensors = {"prompt_embeds": empty.prompt_embeds.to("cpu", dtype).contiguous(),
+               "pooled_prompt_embeds": empty.pooled_prompt_embeds.to("cpu", dtype).contiguous()}
+    _atomic_write(root / EMPTY_PROMPT_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"prompt": " "}))
+
+
+def load_empty_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached embedding of the prompt " " (MeanFlow's dropout condition): ``(prompt_embeds (1, T, D),
+    pooled_prompt_embeds (1, P))``; a ``ValueError`` for a cache written without it."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / EMPTY_PROMPT_FILE
+    if not file.is_file():
+        raise ValueError(f"`cached_dataset` {str(path)!r} has no {EMPTY_PROMPT_FILE} (the embedding of ' ' that "
+                         "MeanFlow's prompt dropout needs); rebuild it with this version of `t2i-distill cache`")
+    tensors = load_file(str(file))
+    return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
 
 
 def load_cache_manifest(path: str | os.PathLike) -> CacheManifest:
@@ -340,13 +364,15 @@ def _write_manifest(root: Path, plan: dict, num_source: int, shard_size: int) ->
     return manifest
 
 
-def _load_models(model: str, dtype: torch.dtype, device, revision, variant):
+def _load_models(model: str, dtype: torch.dtype, device, revision, variant, vae: bool = True):
     from diffusers import AutoencoderKL
 
     from t2i_distill.conditioning import TextEncoders
 
     text_encoders = TextEncoders.from_pretrained(model, dtype=dtype, device=device, revision=revision,
                                                  variant=variant)
+    if not vae:
+        return text_encoders, None
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, revision=revision,
                                         variant=variant).to(device).eval().requires_grad_(False)
     return text_encoders, vae
@@ -426,6 +452,10 @@ def build_cache(cfg: DataConfig, output_dir: str | os.PathLike, pretrained_model
     created = _barrier(world)
     try:
         if rank == 0:
+            if text_encoders is None:  # every shard of rank 0 was already finished by an earlier run
+                text_encoders, _ = _load_models(pretrained_model_name_or_path, torch_dtype, device, revision,
+                                                variant, vae=False)
+            _write_empty_prompt(root, text_encoders, max_sequence_length, torch_dtype)
             manifest = _write_manifest(root, plan, total[0], shard_size)
         _barrier(world)
         manifest = load_cache_manifest(root)

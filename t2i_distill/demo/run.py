@@ -110,7 +110,8 @@ def _first_images(folder: Path, count: int) -> list:
     return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*/samples/0000.png"))[:count]]
 
 
-def run_demo(output_dir: str | Path = "demo", settings: dict | None = None, log=print) -> dict:
+def run_demo(output_dir: str | Path = "demo", settings: dict | None = None, teacher: str | Path | None = None,
+             log=print) -> dict:
     """Run the demo into ``output_dir`` (a previous demo's folder there is replaced; any other non-empty folder is
     refused); return the report dict."""
     import t2i_distill.demo.components  # noqa: F401  (the teacher folder names FluxStudent as its transformer)
@@ -139,7 +140,7 @@ def run_demo(output_dir: str | Path = "demo", settings: dict | None = None, log=
         clock = time.perf_counter()
         log(f"[demo] {name}: {timings[name]:.1f} s")
 
-    teacher = demo_teacher_path()
+    teacher = demo_teacher_path() if teacher is None else Path(teacher)
     data_dir = write_shapes_dataset(out / "data", num_images=s["num_images"], resolution=s["resolution"],
                                     seed=s["seed"])
     cache = out / "cache"
@@ -219,9 +220,11 @@ def add_subparser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the end-to-end demo: distil a tiny shapes teacher, sample, score "
                                            "(offline, minutes on a CPU)")
     p.add_argument("--output_dir", default="demo", help="where the report, grid and runs go (replaced)")
+    p.add_argument("--teacher", default=None,
+                   help="a teacher folder written by `t2i-distill demo-teacher` (default: the shipped one)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    run_demo(args.output_dir)
+    run_demo(args.output_dir, teacher=args.teacher)
     return 0

@@ -210,7 +210,7 @@ def train(args, on_finish=None) -> dict:
     ``on_finish(engine)``, when given, is called on every rank after the last step, before the engine is closed
     (tests use it to read each rank's weights).
     """
-    from t2i_distill.data import DataConfig, TrainData, encode_batch, load_cache_manifest
+    from t2i_distill.data import DataConfig, TrainData, encode_batch, load_cache_manifest, load_empty_prompt
     from t2i_distill.training import EMA, CheckpointManager, EngineConfig, build_engine, check_writable, export_student
     from t2i_distill.training.engine import seed_everything
 
@@ -250,7 +250,7 @@ def train(args, on_finish=None) -> dict:
         manifest = load_cache_manifest(args.cached_dataset)
         manifest.check_matches(pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                                resolution=args.resolution, max_sequence_length=args.max_sequence_length)
-        null_condition = manifest.null_condition() if args.method == "meanflow" else None
+        null_condition = load_empty_prompt(args.cached_dataset) if args.method == "meanflow" else None
     else:
         from diffusers import AutoencoderKL
 
