@@ -7,7 +7,9 @@
   embeddings agree.
 * **Latents**: ``z = vae.encode(img).latent_dist.sample(generator)`` (a random posterior sample), then
   ``x0 = (z − shift_factor)·scaling_factor``, shape (B, 16, R/8, R/8). sCM multiplies by σ_d inside its loss;
-  MeanFlow uses x0 as is.
+  MeanFlow uses x0 as is. The embedding cache stores the posterior instead (:func:`encode_image_posterior`: mean
+  and std) and draws a fresh sample per step with :func:`sample_posterior_latents`, which draws ε exactly as
+  diffusers does, so the same generator state gives the same latents live or cached.
 * **Packing**: (B, C, h, w) → view (B, C, h/2, 2, w/2, 2) → permute (0, 2, 4, 1, 3, 5) → (B, h/2·w/2, 4C): channel
   order within a token is (c, dy, dx). :func:`unpack_latents` is the inverse. Image ids are the (h/2, w/2) grid of
   (0, row, col) flattened to (h/2·w/2, 3); text tokens come first in the joint sequence.

@@ -128,15 +128,35 @@ def _prepare_columns(ds, cfg: DataConfig, description: str):
     import datasets
 
     columns = list(ds.column_names or (ds.features or {}).keys())
-    missing = [f"`{flag}`={col!r}" for flag, col in (("image_column", cfg.image_column),
-                                                     ("caption_column", cfg.caption_column)) if col not in columns]
-    if missing:
-        raise ValueError(f"{description}: {' and '.join(missing)} not among its columns {columns}")
+    if not columns:  # a stream whose columns are unknown until read: check the first row instead
+        ds = _checked_stream(ds, cfg, description)
+        return ds
+    _check_columns(columns, cfg, description)
     keep = [cfg.image_column, cfg.caption_column]
     ds = ds.select_columns(keep)
     if ds.features is not None and isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     return ds
+
+
+def _check_columns(columns: list[str], cfg: DataConfig, description: str) -> None:
+    missing = [f"`{flag}`={col!r}" for flag, col in (("image_column", cfg.image_column),
+                                                     ("caption_column", cfg.caption_column)) if col not in columns]
+    if missing:
+        raise ValueError(f"{description}: {' and '.join(missing)} not among its columns {columns}")
+
+
+class _checked_stream:
+    """An iterable dataset without declared columns: the first row's keys are checked like declared ones."""
+
+    def __init__(self, ds, cfg: DataConfig, description: str):
+        self.ds, self.cfg, self.description = ds, cfg, description
+
+    def __iter__(self):
+        for n, row in enumerate(self.ds):
+            if n == 0:
+                _check_columns(list(row), self.cfg, self.description)
+            yield row
 
 
 def _record_id(index: int, image: object, root: str | None) -> str:

@@ -118,3 +118,14 @@ def test_streaming_shares_are_disjoint_and_reshuffled_per_epoch(data_root, hf_ca
     good = sum(i.good for i in items)
     a = _ids(TrainData(cfg, batch_size=good, seed=5), 2)  # two epochs of one rank
     assert sorted(a[:good]) == sorted(a[good:]) and a[:good] != a[good:]
+
+
+def test_rank_and_world_come_from_the_launcher_environment(data_root, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    data = TrainData(_cfg(data_root), batch_size=2)
+    assert (data.rank, data.world_size, data.share) == (1, 3, 8)
+    with pytest.raises(ValueError, match="expected 0 <= rank < world_size, got rank 3, world 3"):
+        TrainData(_cfg(data_root), batch_size=2, rank=3)
+    with pytest.raises(ValueError, match="`batch_size`: expected a positive int, got 0"):
+        TrainData(_cfg(data_root), batch_size=0)

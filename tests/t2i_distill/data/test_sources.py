@@ -123,3 +123,17 @@ def test_buffer_shuffle_is_a_reproducible_permutation_per_epoch():
     assert order(1, 0) == order(1, 0) and order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
     assert order(None, 0) == [r.id for r in records]
     assert max(int(i) - n for n, i in enumerate(order(1, 0))) < 8  # a record leaves at most 7 places early
+
+
+def test_a_hub_stream_without_declared_columns_is_checked_on_its_first_row(monkeypatch, items):
+    def rows():
+        yield {"image": {"bytes": items[0].data, "path": None}, "llava": "a cat", "extra": 1}
+
+    stream = datasets.IterableDataset.from_generator(rows)
+    assert not stream.column_names  # nothing declared: the check must wait for a row
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: stream)
+    cfg = DataConfig(dataset_name="owner/stream", caption_column="llava", streaming=True)
+    assert [(r.id, r.caption) for r in _records(cfg)] == [("row0", "a cat")]
+    bad = DataConfig(dataset_name="owner/stream", caption_column="text", streaming=True)
+    with pytest.raises(ValueError, match=r"'text' not among its columns \['image', 'llava', 'extra'\]"):
+        _records(bad)
