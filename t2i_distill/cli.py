@@ -110,14 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_step_option(p_steps)  # --training-step [JVP_MODE ...]: the whole training step, per phase
 
+    # The other commands live beside their code; each module registers its own subcommand(s).
     from t2i_distill import tiny_pipeline
+    from t2i_distill.data import cache_cli
+    from t2i_distill.demo import run as demo_run
+    from t2i_distill.demo import teacher as demo_teacher
+    from t2i_distill.eval import add_subparsers as add_eval_subparsers
 
-    tiny_pipeline.add_subparser(sub)
+    demo_run.add_subparser(sub)        # demo: the end-to-end distillation on a shipped tiny teacher
+    demo_teacher.add_subparser(sub)    # demo-teacher: regenerate that teacher from its seed
+    tiny_pipeline.add_subparser(sub)   # tiny: a random tiny FLUX folder
+    cache_cli.add_subparser(sub)       # cache: encode a dataset once
+    add_eval_subparsers(sub)           # sample, geneval, score, shapes
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["demo"]) and _enable_interpreter_without_gpu():
+        # `--jvp dual|func` (and the demo's dual spot check) launch the Triton kernels; on a CPU they need it.
+        print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)")
     if argv[:1] == ["train"]:  # the trainer owns its (long) flag list and --config handling
         from t2i_distill.training.trainer import main as train_main
 
