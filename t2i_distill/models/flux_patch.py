@@ -48,6 +48,7 @@ from diffusers.models.transformers.transformer_flux import (
 )
 
 import kernels
+from t2i_distill.models.compile import allow_kernels_in_graph
 from t2i_distill.models.processors import FluxKernelAttnProcessor
 
 logger = logging.getLogger(__name__)
@@ -348,6 +349,7 @@ def apply_kernels_to_flux(
         )
     processor = FluxKernelAttnProcessor(attention=attention, qk_norm=qk_norm, training_attention=training_attention)
     register_with_diffusers_hooks()
+    allow_kernels_in_graph()  # so torch.compile of the patched model has no graph break at a kernel
 
     record = _PatchRecord(flags={**flags, "training_attention": training_attention})
     if attention or qk_norm:

@@ -52,9 +52,14 @@ _RMS_NORMS = (torch.nn.RMSNorm, DiffusersRMSNorm)
 
 def forward_mode_active(*tensors: torch.Tensor) -> bool:
     """Whether any tensor carries a forward-mode tangent (functorch-wrapped, e.g. inside ``torch.func.jvp``, or a
-    dual tensor of ``torch.autograd.forward_ad``). Then attention must be ours: SDPA has no forward-AD rule."""
+    dual tensor of ``torch.autograd.forward_ad``). Then attention must be ours: SDPA has no forward-AD rule.
+
+    While ``torch.compile`` traces, this cannot be asked (Dynamo does not trace functorch's introspection), so the
+    answer is a conservative True: our kernel and math attention are exact with and without forward-mode AD."""
     from torch._C._functorch import is_functorch_wrapped_tensor
 
+    if torch.compiler.is_compiling():
+        return True
     for t in tensors:
         if is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None:
             return True
