@@ -19,6 +19,11 @@ for ``FluxTransformerBlock``, ...) that overrides only ``forward`` (and ``extra_
 ``state_dict`` keys are untouched, ``print(model)`` shows the new class names, and reverting restores the original
 classes and processors, which restores the original behaviour bit for bit. Nothing of diffusers is copied.
 
+diffusers' hook-based features keep working on the patched model: our block and processor classes are registered
+with diffusers' hook registries (:func:`register_with_diffusers_hooks`), so every cache (``enable_cache``/``apply_*``)
+and layer skipping treat them as diffusers' own. Hooks must be installed *after* patching (and removed before
+reverting), since a hook binds the forward of the class the module has at that time; both functions refuse otherwise.
+
 Every replacement computes what diffusers computes (same math, same dtype promotion), with Triton kernels that have
 forward-mode rules, so the patched model runs under ``torch.func.jvp`` with our tangents, and trains with our
 backward kernels (attention: SDPA or ours, see :class:`FluxKernelAttnProcessor`). Unsupported configurations fall
@@ -264,12 +269,18 @@ def _leftover_bound_forward(module: torch.nn.Module) -> bool:
             and getattr(forward, "__func__", None) is type(module).forward)
 
 
+#: The diffusers classes apply_kernels_to_flux may re-class (our classes are their subclasses).
+_SWAPPABLE = (FluxTransformerBlock, FluxSingleTransformerBlock, AdaLayerNormZero, AdaLayerNormZeroSingle,
+              AdaLayerNormContinuous, DiffusersGELU, torch.nn.GELU)
+
+
 def _instance_forward_owners(model: torch.nn.Module) -> list[str]:
-    """Modules whose ``forward`` is wrapped at the instance: live diffusers hooks (caches, offloading, layerwise
-    casting) and accelerate hooks bind the *current* class's ``forward`` there, so a class swap under them would be
-    silently bypassed (patch) or silently kept (revert)."""
-    return [name or "<model>" for name, module in model.named_modules()
-            if "forward" in module.__dict__ and not _leftover_bound_forward(module)]
+    """Re-classable modules whose ``forward`` is wrapped at the instance: live diffusers hooks (caches, offloading,
+    layerwise casting) and accelerate hooks bind the *current* class's ``forward`` there, so a class swap under them
+    would be silently bypassed (patch) or silently kept (revert). Hooks on other modules (the model itself, the
+    attention modules, linears) are harmless: their classes never change."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, _SWAPPABLE) and "forward" in module.__dict__ and not _leftover_bound_forward(module)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

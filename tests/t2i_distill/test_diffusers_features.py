@@ -29,6 +29,7 @@ from diffusers.models.attention_dispatch import attention_backend
 from kernels.testing import tolerance
 from t2i_distill import apply_kernels_to_flux, revert_kernels_on_flux
 from t2i_distill.models import flux_patch
+from t2i_distill.models.flux_patch import is_patched
 from t2i_distill.models.processors import FluxKernelAttnProcessor
 from tests.t2i_distill.flux_helpers import build, call, reference_jvp, split_inputs
 
@@ -160,6 +161,10 @@ def test_patching_under_hooks_or_reverting_under_hooks_is_refused():
     patched.enable_cache(FirstBlockCacheConfig(threshold=0.1))
     with pytest.raises(ValueError, match="disable_cache"):
         revert_kernels_on_flux(patched)
+    # hooks on modules that are never re-classed (PAB hooks the attention modules) do not block patching
+    harmless = build(FluxTransformer2DModel)
+    harmless.enable_cache(CACHES["pyramid_attention_broadcast"](_StepClock()))
+    assert is_patched(apply_kernels_to_flux(harmless))
     # once the hooks are removed, both work, and the kernels really run (or really stop running)
     patched.disable_cache()
     revert_kernels_on_flux(patched)
