@@ -70,6 +70,7 @@ def test_dual_forward_blocks_compile_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(tangent, expected[1], **ROUNDING)
 
 
+@pytest.mark.slow  # about 100 s of tracing on a loaded 2-core CPU
 def test_func_jvp_of_the_patched_model_compiles():
     # torch.func.jvp must sit inside the compiled function (PyTorch refuses jvp of a compiled function from eager).
     model = apply_kernels_to_flux(build(), training_attention="kernel")
