@@ -10,6 +10,8 @@ PyPI package ``kernels``; do not install both into one environment.
 """
 
 from kernels import reference
+from kernels._double_diff import DoubleDifferentiationError
+from kernels._double_diff import install as _install_double_diff_refusals
 from kernels._runtime import HAS_TRITON, KernelUnavailableError
 from kernels.attention import AttentionFunction, AttentionJVPFunction, attention, attention_jvp
 from kernels.gated_residual import (
@@ -29,11 +31,14 @@ from kernels.qk_norm_rope import QKNormRoPEFunction, QKNormRoPEJVPFunction, qk_n
 from kernels.rms_norm import RMSNormFunction, RMSNormJVPFunction, rms_norm, rms_norm_jvp
 from kernels.rope import RoPEFunction, RoPEJVPFunction, rope, rope_jvp
 
+_install_double_diff_refusals()  # every op and Function above refuses double differentiation by name
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionFunction",
     "AttentionJVPFunction",
+    "DoubleDifferentiationError",
     "HAS_TRITON",
     "GatedResidualFunction",
     "GatedResidualJVPFunction",

@@ -16,7 +16,8 @@ the tangent, where the reference runs a separate JVP pass and forward pass. sCM/
 tangent; this function relies on that. No gradient checkpointing happens inside this pass.
 
 Limits: FLUX models in diffusers' layout (double + single blocks), head dims the attention kernel supports, no
-attention masks, unfused QKV projections.
+attention masks, unfused QKV projections. LoRA (peft/diffusers ``add_adapter``) and other wrapped linears are
+supported: see :func:`dual_linear`.
 """
 
 from __future__ import annotations
@@ -35,10 +36,18 @@ __all__ = ["dual_linear", "flux_forward_jvp", "trigflow_forward_jvp"]
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def dual_linear(linear: torch.nn.Linear, x: torch.Tensor, tx: torch.Tensor) -> Pair:
-    """``(linear(x), W·tx)``. Without grad: one GEMM on ``[x; tx]`` (the weight is read once). With grad: the primal
-    GEMM records its graph and the tangent GEMM runs without one (a shared GEMM would backpropagate through the
-    tangent rows too)."""
+def dual_linear(linear: torch.nn.Module, x: torch.Tensor, tx: torch.Tensor) -> Pair:
+    """``(linear(x), W·tx)`` for x, tx (..., in) → (..., out) in x's dtype; the tangent carries no graph.
+
+    A plain ``nn.Linear``: without grad one GEMM on ``[x; tx]`` (the weight is read once); with grad the primal GEMM
+    records its graph and the tangent GEMM runs without one (a shared GEMM would backpropagate through the tangent
+    rows too). Anything else in a linear's place (a peft/diffusers LoRA layer ``base(x) + s·B(A(drop(x)))``, a
+    quantised or other wrapped linear) is differentiated as it computes: ``torch.func.jvp`` of the module, primal
+    and tangent in one call so both see the same dropout mask; its ``.weight`` alone would drop the adapter.
+    """
+    if type(linear) is not torch.nn.Linear:
+        y, ty = torch.func.jvp(linear, (x,), (tx.to(x.dtype),))
+        return y, ty.detach()
     if torch.is_grad_enabled():
         y = linear(x)
         with torch.no_grad():

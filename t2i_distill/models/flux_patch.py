@@ -19,6 +19,11 @@ for ``FluxTransformerBlock``, ...) that overrides only ``forward`` (and ``extra_
 ``state_dict`` keys are untouched, ``print(model)`` shows the new class names, and reverting restores the original
 classes and processors, which restores the original behaviour bit for bit. Nothing of diffusers is copied.
 
+diffusers' hook-based features keep working on the patched model: our block and processor classes are registered
+with diffusers' hook registries (:func:`register_with_diffusers_hooks`), so every cache (``enable_cache``/``apply_*``)
+and layer skipping treat them as diffusers' own. Hooks must be installed *after* patching (and removed before
+reverting), since a hook binds the forward of the class the module has at that time; both functions refuse otherwise.
+
 Every replacement computes what diffusers computes (same math, same dtype promotion), with Triton kernels that have
 forward-mode rules, so the patched model runs under ``torch.func.jvp`` with our tangents, and trains with our
 backward kernels (attention: SDPA or ours, see :class:`FluxKernelAttnProcessor`). Unsupported configurations fall
@@ -32,20 +37,28 @@ from dataclasses import dataclass, field
 
 import diffusers
 import torch
+from diffusers.hooks._helpers import (
+    AttentionProcessorMetadata,
+    AttentionProcessorRegistry,
+    TransformerBlockMetadata,
+    TransformerBlockRegistry,
+)
 from diffusers.models.activations import GELU as DiffusersGELU
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
 from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
     FluxSingleTransformerBlock,
     FluxTransformer2DModel,
     FluxTransformerBlock,
 )
 
 import kernels
+from t2i_distill.models.compile import allow_kernels_in_graph
 from t2i_distill.models.processors import FluxKernelAttnProcessor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_kernels_to_flux", "is_patched", "revert_kernels_on_flux"]
+__all__ = ["apply_kernels_to_flux", "is_patched", "register_with_diffusers_hooks", "revert_kernels_on_flux"]
 
 SUPPORTED_DIFFUSERS = ("0.42.",)
 _PATCH_ATTR = "_t2i_distill_patch"
@@ -222,6 +235,55 @@ class KernelFluxSingleTransformerBlock(_KernelRepr, FluxSingleTransformerBlock):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# diffusers' hook registries
+# ----------------------------------------------------------------------------------------------------------------
+def register_with_diffusers_hooks() -> None:
+    """Register our block and processor classes with diffusers' hook registries, as diffusers registers its own.
+
+    diffusers' caches and layer skipping (FirstBlockCache, MagCache, SeaCache, LayerSkip, ...) look blocks and
+    attention processors up by their exact class (``TransformerBlockRegistry.get(module.__class__)``), so a
+    subclass is unknown to them. Our classes take the same arguments and return the same outputs as the diffusers
+    classes they extend, so they get the same metadata (copied, since diffusers stores the class in it).
+    Idempotent; called by :func:`apply_kernels_to_flux`.
+    """
+    for ours, theirs in ((KernelFluxTransformerBlock, FluxTransformerBlock),
+                         (KernelFluxSingleTransformerBlock, FluxSingleTransformerBlock)):
+        base = TransformerBlockRegistry.get(theirs)
+        TransformerBlockRegistry.register(ours, TransformerBlockMetadata(
+            return_hidden_states_index=base.return_hidden_states_index,
+            return_encoder_hidden_states_index=base.return_encoder_hidden_states_index,
+            hidden_states_argument_name=base.hidden_states_argument_name,
+            encoder_hidden_states_argument_name=base.encoder_hidden_states_argument_name,
+        ))
+    # Our processor returns what FluxAttnProcessor returns, so skipping it (LayerSkip) takes the same shortcut.
+    base_processor = AttentionProcessorRegistry.get(FluxAttnProcessor)
+    AttentionProcessorRegistry.register(FluxKernelAttnProcessor, AttentionProcessorMetadata(
+        skip_processor_output_fn=base_processor.skip_processor_output_fn))
+
+
+def _leftover_bound_forward(module: torch.nn.Module) -> bool:
+    """An instance ``forward`` that is just the class's own ``forward`` bound to the module: what diffusers leaves
+    behind when its last hook is removed (``disable_cache``). Harmless, but it would pin the old class's forward."""
+    forward = module.__dict__.get("forward")
+    return (getattr(forward, "__self__", None) is module
+            and getattr(forward, "__func__", None) is type(module).forward)
+
+
+#: The diffusers classes apply_kernels_to_flux may re-class (our classes are their subclasses).
+_SWAPPABLE = (FluxTransformerBlock, FluxSingleTransformerBlock, AdaLayerNormZero, AdaLayerNormZeroSingle,
+              AdaLayerNormContinuous, DiffusersGELU, torch.nn.GELU)
+
+
+def _instance_forward_owners(model: torch.nn.Module) -> list[str]:
+    """Re-classable modules whose ``forward`` is wrapped at the instance: live diffusers hooks (caches, offloading,
+    layerwise casting) and accelerate hooks bind the *current* class's ``forward`` there, so a class swap under them
+    would be silently bypassed (patch) or silently kept (revert). Hooks on other modules (the model itself, the
+    attention modules, linears) are harmless: their classes never change."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, _SWAPPABLE) and "forward" in module.__dict__ and not _leftover_bound_forward(module)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # apply / revert
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -245,6 +307,8 @@ def is_patched(model: torch.nn.Module) -> bool:
 
 def _swap(record: _PatchRecord, module: torch.nn.Module, new_class: type) -> None:
     if type(module) is not new_class:
+        if _leftover_bound_forward(module):
+            del module.forward  # back to the class's forward, so the swap takes effect
         record.class_swaps.append((module, type(module)))
         module.__class__ = new_class
 
@@ -287,7 +351,16 @@ def apply_kernels_to_flux(
     if is_patched(model):
         raise ValueError("apply_kernels_to_flux: `model` is already patched; call revert_kernels_on_flux(model) "
                          f"first (current flags: {getattr(model, _PATCH_ATTR).flags})")
+    hooked = _instance_forward_owners(model)
+    if hooked:
+        raise ValueError(
+            "apply_kernels_to_flux: `model` has hooks installed on its modules (diffusers caches/offloading or "
+            f"accelerate hooks on {hooked[:4]}{' ...' if len(hooked) > 4 else ''}); patch first, then enable them "
+            "(e.g. call model.disable_cache(), apply_kernels_to_flux(model), model.enable_cache(config))"
+        )
     processor = FluxKernelAttnProcessor(attention=attention, qk_norm=qk_norm, training_attention=training_attention)
+    register_with_diffusers_hooks()
+    allow_kernels_in_graph()  # so torch.compile of the patched model has no graph break at a kernel
 
     record = _PatchRecord(flags={**flags, "training_attention": training_attention})
     if attention or qk_norm:
@@ -329,7 +402,15 @@ def revert_kernels_on_flux(model: FluxTransformer2DModel) -> FluxTransformer2DMo
     record: _PatchRecord | None = getattr(model, _PATCH_ATTR, None)
     if record is None:
         raise ValueError("revert_kernels_on_flux: `model` is not patched")
+    hooked = _instance_forward_owners(model)
+    if hooked:
+        raise ValueError(
+            f"revert_kernels_on_flux: `model` has hooks installed on {hooked[:4]}{' ...' if len(hooked) > 4 else ''} "
+            "that hold the patched forwards; remove them first (e.g. model.disable_cache())"
+        )
     for module, original in reversed(record.class_swaps):
+        if _leftover_bound_forward(module):
+            del module.forward
         module.__class__ = original
         module.__dict__.pop("_t2i_block_kernels", None)
     if record.original_processors is not None:

@@ -16,7 +16,14 @@ ordinary training pass (no forward-mode AD on a GPU) ``training_attention="auto"
 
 Anything the kernels cannot serve falls back, for that call, to diffusers' own ``FluxAttnProcessor`` with one warning
 naming the reason: an attention mask, no rotary embedding, qk-norms without a weight, a head dim the attention kernel
-does not support, IP-adapter inputs.
+does not support, IP-adapter inputs, context parallelism. The fallback is exact and stays forward-differentiable: under
+forward-mode AD it runs diffusers' math attention backend (SDPA's fused kernels have no forward-AD rule), otherwise the
+attention backend the model is set to.
+
+Attention backends (``model.set_attention_backend(name)``, diffusers' ``attention_backend`` context) select the
+attention of every call our kernel does not run: SDPA passes (``training_attention="sdpa"``, or ``"auto"`` on CUDA,
+without forward-mode AD), ``attention=False`` and the fallbacks. Passes under forward-mode AD always run our kernel
+(or math attention), because no backend has a forward-AD rule.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -45,9 +52,14 @@ _RMS_NORMS = (torch.nn.RMSNorm, DiffusersRMSNorm)
 
 def forward_mode_active(*tensors: torch.Tensor) -> bool:
     """Whether any tensor carries a forward-mode tangent (functorch-wrapped, e.g. inside ``torch.func.jvp``, or a
-    dual tensor of ``torch.autograd.forward_ad``). Then attention must be ours: SDPA has no forward-AD rule."""
+    dual tensor of ``torch.autograd.forward_ad``). Then attention must be ours: SDPA has no forward-AD rule.
+
+    While ``torch.compile`` traces, this cannot be asked (Dynamo does not trace functorch's introspection), so the
+    answer is a conservative True: our kernel and math attention are exact with and without forward-mode AD."""
     from torch._C._functorch import is_functorch_wrapped_tensor
 
+    if torch.compiler.is_compiling():
+        return True
     for t in tensors:
         if is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None:
             return True
@@ -58,6 +70,10 @@ class FluxKernelAttnProcessor(torch.nn.Module):
     """FLUX attention through Triton: ``qk_norm`` fuses RMSNorm + RoPE + head transpose; ``attention`` uses the JVP
     flash attention. An ``nn.Module`` without parameters so ``print(model)`` shows it and ``state_dict`` is unchanged.
     """
+
+    # diffusers' set_attention_backend / enable_parallelism set these on every processor that declares them.
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(self, attention: bool = True, qk_norm: bool = True, training_attention: str = "auto") -> None:
         super().__init__()
@@ -82,6 +98,8 @@ class FluxKernelAttnProcessor(torch.nn.Module):
             return "an attention mask was given (the kernels implement unmasked attention only)"
         if kwargs:
             return f"extra processor inputs {sorted(kwargs)} (e.g. IP-adapter) are not supported"
+        if self._parallel_config is not None:
+            return "context parallelism is enabled (the kernels attend within one device's sequence only)"
         if self.attention and attn.head_dim not in SUPPORTED_HEAD_DIMS:
             return f"head dim {attn.head_dim} is not supported by the attention kernel {SUPPORTED_HEAD_DIMS}"
         if self.qk_norm:
@@ -100,7 +118,8 @@ class FluxKernelAttnProcessor(torch.nn.Module):
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"FluxKernelAttnProcessor: falling back to diffusers' FluxAttnProcessor because {reason}",
+            warnings.warn(f"FluxKernelAttnProcessor: falling back to diffusers' FluxAttnProcessor because {reason} "
+                          "(math attention under forward-mode AD, the model's attention backend otherwise)",
                           stacklevel=3)
 
     # -- the processor --------------------------------------------------------------------------------------------
@@ -109,6 +128,10 @@ class FluxKernelAttnProcessor(torch.nn.Module):
         reason = self.unsupported_reason(attn, attention_mask, image_rotary_emb, kwargs)
         if reason is not None:
             self._warn_once(reason)
+            tangents = forward_mode_active(*(t for t in (hidden_states, encoder_hidden_states) if t is not None))
+            self._fallback._attention_backend = AttentionBackendName._NATIVE_MATH if tangents else (
+                self._attention_backend)
+            self._fallback._parallel_config = self._parallel_config
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                                   **kwargs)
 
@@ -173,15 +196,22 @@ class FluxKernelAttnProcessor(torch.nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2)
 
     def _attention(self, q, k, v):
+        """(B, H, L, D) attention: our kernel, or diffusers' dispatch (the model's backend; math under forward AD)."""
+        tangents = forward_mode_active(q, k, v)
         if not self.attention:
-            return F.scaled_dot_product_attention(q, k, v)
+            return self._dispatch(q, k, v, AttentionBackendName._NATIVE_MATH if tangents else self._attention_backend)
         wants_sdpa = self.training_attention == "sdpa" or (
             self.training_attention == "auto" and q.device.type == "cuda"
         )
-        use_sdpa = wants_sdpa and not forward_mode_active(q, k, v)  # SDPA has no forward-AD rule
-        if use_sdpa:
-            return F.scaled_dot_product_attention(q, k, v)
+        if wants_sdpa and not tangents:  # SDPA has no forward-AD rule
+            return self._dispatch(q, k, v, self._attention_backend)
         return kernels.attention(q, k, v)
+
+    def _dispatch(self, q, k, v, backend):
+        # diffusers' dispatch takes (B, L, H, D); the transposes are views.
+        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend,
+                                    parallel_config=self._parallel_config)
+        return out.transpose(1, 2)
 
 
 def _eps(norm: torch.nn.Module) -> float:
