@@ -19,10 +19,14 @@ INSTALL_REQUIRES = [
     "datasets>=3.0",
     "safetensors>=0.4",
     "tqdm>=4.66",
+    "pyyaml>=6.0",  # trainer --config files
+    "tensorboard>=2.14",  # the trainer's default tracker (--report_to tensorboard)
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8.0", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8"],
+    "dev": ["pytest>=8.0", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8", "peft>=0.13"],
+    "wandb": ["wandb>=0.17"],
+    "prodigy": ["prodigyopt>=1.0"],
     "bench": ["pytest-benchmark>=5.0", "matplotlib>=3.8"],
     "deepspeed": ["deepspeed>=0.17"],
     # flash-attn builds against CUDA; it is optional everywhere and never required.

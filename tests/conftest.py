@@ -23,6 +23,11 @@ import pytest  # noqa: E402
 #: Where kernel tests run: the GPU when there is one, else the CPU through the Triton interpreter.
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+# One intra-op thread for the whole suite: the tests' tensors are tiny, and on the 2-core machines a second thread
+# only adds contention (the tiny encoders and GEMMs measured 10-30× slower with torch's default pool).
+# T2I_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("T2I_TEST_THREADS", "1")))
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if HAS_CUDA:

@@ -21,14 +21,6 @@ from t2i_distill.conditioning import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two contending threads make the tiny encoders ~30× slower on the shared machines
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     from diffusers import FluxPipeline

@@ -11,14 +11,6 @@ from t2i_distill import cli
 from t2i_distill.tiny_pipeline import TINY_PIPELINE_TRANSFORMER, TINY_VOCABULARY, write_tiny_flux_pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two contending threads make the tiny models ~30× slower on the shared machines
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny") / "flux", seed=0)

@@ -36,17 +36,6 @@ def tiny_flux_dir(tmp_path_factory) -> Path:
     return write_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny") / "flux", seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core machines two threads contend and run the tiny encoders ~30× slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_models(tiny_flux_dir):
     """The tiny folder's text encoders and VAE, loaded through the real ``from_pretrained`` paths (fp32, CPU)."""

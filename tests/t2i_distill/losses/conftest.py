@@ -3,13 +3,5 @@ pool spinning against other processes made each tiny GEMM ~60 ms (measured) inst
 
 from __future__ import annotations
 
-import pytest
-import torch
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
