@@ -47,6 +47,8 @@ H100_SMS = 132
 B, H, N_TXT, N_IMG = 1, 24, 512, 4096  # FLUX at 1024 px
 N = N_TXT + N_IMG
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i-distill" / "compile-report"
+#: Bump when :func:`analyse` changes what it records: the result cache is keyed by it (version 1 adds nothing).
+ANALYSIS_VERSION = 1
 # Kernels whose matmuls must be wgmma (HGMMA) on Hopper: an mma.sync fallback caps them far below the tensor cores.
 HGMMA_MODULES = ("kernels.attention",)  # module-name prefixes (kernels.attention, kernels.attention_backward_kernels)
 
@@ -286,7 +288,9 @@ def flux_scenarios(head_dims=(128, 64)):
     out += _op_scenarios("rope_d128", kernels.rope, kernels.rope_jvp,
                          lambda g: (e(B, H, N, 128, grad=g), e(N, 128, dtype=f32), e(N, 128, dtype=f32)),
                          lambda: (e(B, H, N, 128),), (B, H, N, 128))
-    for d, shape in ((128, (B, H, N, 128)), (3072, (B, N, 3072)), (12288, (B, N, 12288))):
+    # FLUX's RMSNorms: the qk-norm rows (D = 128) and hidden-width rows (D = 3072). 12288 is the MLP width (GELU),
+    # beyond rms_norm's fused limit by design (it raises and points to the reference).
+    for d, shape in ((128, (B, H, N, 128)), (3072, (B, N, 3072))):
         out += _op_scenarios(f"rms_norm_d{d}", kernels.rms_norm, kernels.rms_norm_jvp,
                              lambda g, d=d, s=shape: (e(*s, grad=g), e(d, grad=g)), lambda s=shape: (e(*s),), shape)
     for d in (3072, 128):
@@ -325,8 +329,10 @@ def _bind(launch, extra, backend):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    key = hashlib.sha256(repr((triton.__version__, fn.cache_key, specialization, sorted(options.__dict__.items(),
-                                                                                      key=str))).encode()).hexdigest()
+    parts = (triton.__version__, fn.cache_key, specialization, sorted(options.__dict__.items(), key=str))
+    if ANALYSIS_VERSION > 1:  # cached results are only valid for the analysis that produced them
+        parts += (ANALYSIS_VERSION,)
+    key = hashlib.sha256(repr(parts).encode()).hexdigest()
     flags = {fn.arg_names[p[0]]: v for p, v in constexprs.items() if fn.arg_names[p[0]] in kwargs}
     return options, signature, constexprs, attrs, key, flags
 
@@ -480,9 +486,8 @@ def build_report(head_dims=(128, 64), only: str | None = None, jobs: int = 2, ti
         row = {"kernel": ln.name, "module": ln.module, "op": job["scenarios"][0].split(":")[0],
                "scenarios": job["scenarios"], "mode": _mode(ln.name, flags), "config": _config(flags, job),
                "flags": {k: str(v) for k, v in flags.items()}, "configs_pruned_away": job["pruned_away"], **res}
-        if "BLOCK_D" in flags and "D" in row["op"]:
-            d = int(row["op"].rsplit("_d", 1)[1])
-            row["lane_use"] = round(min(d, int(flags["BLOCK_D"])) / int(flags["BLOCK_D"]), 3)
+        if "BLOCK_D" in flags and "attention" not in row["op"]:
+            row["lane_use"] = lane_use(row["op"], int(flags["BLOCK_D"]))
         row["violations"] = violations(row)
         rows.append(row)
     return {"triton": triton.__version__, "torch": torch.__version__, "target": "cuda sm_90, warp 32",
@@ -491,6 +496,16 @@ def build_report(head_dims=(128, 64), only: str | None = None, jobs: int = 2, ti
             "compiled": sum(1 for r in results if not r.get("cached")), "cached": sum(1 for r in results
                                                                                     if r.get("cached")),
             "rows": rows, "scenario_errors": errors}
+
+
+def lane_use(op: str, block_d: int) -> float | None:
+    """Fraction of a row kernel's BLOCK_D lanes that hold data for the op's width (``<name>_d<D>``): row kernels
+    tile D in power-of-two lanes, so D = 3072 in 4096 lanes leaves a quarter masked (0.75); 1.0 is no waste."""
+    width = re.search(r"_d(\d+)$", op)
+    if not width:
+        return None
+    d = int(width.group(1))
+    return round(d / (block_d * -(-d // block_d)), 3)
 
 
 def _loads(row) -> str:
@@ -532,10 +547,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler: write the JSON, print the table, return 1 when any rule is violated."""
-    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="t2i_compile_report_"))
     cache = None if args.cache_dir == "none" else Path(args.cache_dir)
     head_dims = tuple(int(x) for x in args.head_dims.split(",") if x)
-    report = build_report(head_dims, args.only, args.jobs, args.timeout, cache)
+    with tempfile.TemporaryDirectory(prefix="t2i_compile_report_") as scratch:
+        # Triton's own kernel cache: a scratch dir unless the caller chose one (our result cache is `cache`).
+        os.environ.setdefault("TRITON_CACHE_DIR", scratch)
+        report = build_report(head_dims, args.only, args.jobs, args.timeout, cache)
     import triton
 
     path = Path(args.out or f"compile_report_{triton.__version__}.json")

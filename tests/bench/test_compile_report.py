@@ -116,6 +116,14 @@ def test_ptx_stats_counts_64_bit_divisions_only():
     assert cr.ptx_stats(ptx) == {"div64": 2, "ld_global_v4": 1}
 
 
+def test_lane_use_shows_the_masked_quarter_of_a_3072_wide_row():
+    assert cr.lane_use("rms_norm_d3072", 4096) == 0.75
+    assert cr.lane_use("gelu_tanh_d12288", 1024) == 1.0  # 12 column tiles of 1024, none partial
+    assert cr.lane_use("layer_norm_modulate_d3072", 1024) == 1.0
+    assert cr.lane_use("rope_d96", 64) == 0.75  # two tiles of 64 for 96 columns
+    assert cr.lane_use("no_width", 128) is None
+
+
 def test_real_sm90_compile_end_to_end(tmp_path):
     """The smallest op (GELU: three kernel modes) captured from its real launchers and compiled for sm_90."""
     out = tmp_path / "report.json"
