@@ -11,6 +11,9 @@
 # The 3.6.0 environment is a venv without pip whose .pth puts the project venv's site-packages *after* its own, so
 # torch, numpy and the rest are shared (nothing big is installed) and only `triton==3.6.0` (--no-deps) shadows the
 # project's triton. Measured on a 2-core CPU machine, no GPU: created in ~1 s, the triton wheel installs in ~20 s.
+# Report wall time there (68 compiles per Triton version): ~30 s per version when every result is cached (capture
+# only); from scratch, with the machine shared (load ~13) and 1 job, attention took 250-460 s per head dim and the
+# row kernels ~700 s per version. Keep the cache (T2I_COMPILE_REPORT_CACHE) between CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python}"
