@@ -155,8 +155,9 @@ def _qk_norm_rope_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     w = tl.load(W + offs_d * stride_wd, mask=mask_d, other=0.0).to(ACC)
-    # 2-D dw partials, reduced over rows once after the loop (a per-tile tl.sum(axis=0) crosses warps every tile).
-    dw = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    # dw stays 1-D here, reduced per tile: a 2-D partial (as in rms_norm) costs 16 more fp32 registers per thread
+    # and the sm_90 compile report measured it spilling (8 B, triton 3.9) in this register-heavy kernel.
+    dw = tl.zeros((BLOCK_D,), dtype=ACC)
     n_blocks = tl.cdiv(N, BLOCK_N)
     # Tile indices are 32-bit (the launcher checks n_tiles < 2³¹): a 64-bit division is a subroutine on NVIDIA
     # GPUs and this loop decomposes every tile index; only the offsets below are int64.
@@ -184,7 +185,7 @@ def _qk_norm_rope_bwd_kernel(
             n_w = n
             if ROUND_TO_W:
                 n_w = n.to(W.dtype.element_ty).to(ACC)
-            dw += g_r * n_w
+            dw += tl.sum(g_r * n_w, axis=0)
         if NEED_DX:
             g_n = g_r * w[None, :]
             c = tl.sum(g_n * n, axis=1) / D
@@ -192,7 +193,7 @@ def _qk_norm_rope_bwd_kernel(
             dx_offs = b * stride_dxb + h * stride_dxh + offs_n[:, None] * stride_dxn + offs_d[None, :]
             tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
     if NEED_DW:
-        tl.store(DW_PART + pid * stride_p + offs_d, tl.sum(dw, axis=0), mask=mask_d)
+        tl.store(DW_PART + pid * stride_p + offs_d, dw, mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
