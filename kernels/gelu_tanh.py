@@ -37,7 +37,14 @@ from kernels import reference
 from kernels._checks import FLOAT_DTYPES, InputChecks
 from kernels._custom_ops import kernel_op
 from kernels._runtime import check_launchable, tl, triton
-from kernels._utils import accumulator_dtype, elementwise_tile, row_layout, row_offsets, shared_row_layout
+from kernels._utils import (
+    accumulator_dtype,
+    check_row_count,
+    elementwise_tile,
+    row_layout,
+    row_offsets,
+    shared_row_layout,
+)
 
 __all__ = ["GeluTanhFunction", "GeluTanhJVPFunction", "gelu_tanh", "gelu_tanh_jvp"]
 
@@ -125,6 +132,7 @@ def _launch(
         return y, ty
     x2, t2 = (x.reshape(1), None if t is None else t.reshape(1)) if x.dim() == 0 else (x, t)  # 0-d: one row of one
     layout, (x2, t_or_x) = shared_row_layout(x2, x2 if t2 is None else t2)
+    check_row_count("gelu_tanh", layout.n_rows)
     (_, r1, r2), (sx, st) = layout.sizes, layout.strides
     d = x2.shape[-1]
     block_rows, block_d, num_warps = elementwise_tile(d)

@@ -148,8 +148,9 @@ def _layer_norm_modulate_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     one_plus_scale = 1.0 + tl.load(SCALE + b * stride_scb + offs_d * stride_scd, mask=mask_d, other=0.0).to(ACC)
-    dscale = tl.zeros((BLOCK_D,), dtype=ACC)
-    dshift = tl.zeros((BLOCK_D,), dtype=ACC)
+    # 2-D partials, reduced over rows once after the loop (a per-tile tl.sum(axis=0) crosses warps every tile).
+    dscale = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=ACC)
+    dshift = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=ACC)
     tile_start = pid.to(tl.int64) * tiles_per_program  # int64 start: the loop index (and row offsets) are int64
     tile_end = tl.minimum(tile_start + tiles_per_program, tl.cdiv(N, BLOCK_ROWS))
     for tile in range(tile_start, tile_end):
@@ -163,9 +164,9 @@ def _layer_norm_modulate_bwd_kernel(
         ).to(ACC)
         xhat, rstd = _normalize_rows(x, mask, D, eps)  # recomputed: x is read anyway, so statistics cost no traffic
         if NEED_DSCALE:
-            dscale += tl.sum(g * xhat, axis=0)
+            dscale += g * xhat
         if NEED_DSHIFT:
-            dshift += tl.sum(g, axis=0)
+            dshift += g
         if NEED_DX:
             g_xhat = g * one_plus_scale[None, :]
             mean_g = tl.sum(g_xhat, axis=1) / D
@@ -175,9 +176,9 @@ def _layer_norm_modulate_bwd_kernel(
             tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
     part_offs = b * stride_pb + pid * stride_pp + offs_d
     if NEED_DSCALE:
-        tl.store(DSCALE_PART + part_offs, dscale, mask=mask_d)
+        tl.store(DSCALE_PART + part_offs, tl.sum(dscale, axis=0), mask=mask_d)
     if NEED_DSHIFT:
-        tl.store(DSHIFT_PART + part_offs, dshift, mask=mask_d)
+        tl.store(DSHIFT_PART + part_offs, tl.sum(dshift, axis=0), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from kernels import reference
 from kernels._checks import FLOAT_DTYPES, InputChecks, describe
 from kernels._custom_ops import grad_or_placeholder, kernel_op
 from kernels._runtime import check_launchable, tl, triton
-from kernels._utils import accumulator_dtype, reduction_split, row_tile
+from kernels._utils import accumulator_dtype, check_row_count, reduction_split, row_tile
 from kernels.rms_norm import HALF_DTYPES, check_eps, rms_output_dtype, rms_stats
 from kernels.rope import check_rope_tables, reject_table_tangents, rotate_pairs
 
@@ -155,14 +155,18 @@ def _qk_norm_rope_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     w = tl.load(W + offs_d * stride_wd, mask=mask_d, other=0.0).to(ACC)
+    # dw stays 1-D here, reduced per tile: a 2-D partial (as in rms_norm) costs 16 more fp32 registers per thread
+    # and the sm_90 compile report measured it spilling (8 B, triton 3.9) in this register-heavy kernel.
     dw = tl.zeros((BLOCK_D,), dtype=ACC)
     n_blocks = tl.cdiv(N, BLOCK_N)
-    tile_start = pid.to(tl.int64) * tiles_per_program  # int64 start: the loop index (and offsets) are int64
+    # Tile indices are 32-bit (the launcher checks n_tiles < 2³¹): a 64-bit division is a subroutine on NVIDIA
+    # GPUs and this loop decomposes every tile index; only the offsets below are int64.
+    tile_start = pid * tiles_per_program
     tile_end = tl.minimum(tile_start + tiles_per_program, n_tiles)
     for tile in range(tile_start, tile_end):
-        h = tile % H
-        offs_n = (tile // H) % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
-        b = tile // H // n_blocks
+        h = (tile % H).to(tl.int64)
+        offs_n = ((tile // H) % n_blocks * BLOCK_N).to(tl.int64) + tl.arange(0, BLOCK_N)
+        b = (tile // H // n_blocks).to(tl.int64)
         mask = (offs_n[:, None] < N) & mask_d[None, :]
         g = tl.load(
             G + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
@@ -352,6 +356,7 @@ def _qk_norm_rope_bwd(
     if x.numel() == 0 or not (need_dx or need_dweight):
         return dx, dweight.zero_()
     n_tiles = batch * triton.cdiv(n, block_n) * heads
+    check_row_count("qk_norm_rope backward", n_tiles)
     if need_dweight:
         programs, tiles_per_program = reduction_split(n_tiles, 1, x.device)
     else:  # no reduction: one tile per program

@@ -45,6 +45,7 @@ from kernels._custom_ops import grad_or_placeholder, kernel_op
 from kernels._runtime import check_launchable, tl, triton
 from kernels._utils import (
     accumulator_dtype,
+    check_row_count,
     reduction_split,
     row_layout,
     row_offsets,
@@ -138,7 +139,9 @@ def _rms_norm_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     w = tl.load(W + offs_d * stride_wd, mask=mask_d, other=0.0).to(ACC)
-    dw = tl.zeros((BLOCK_D,), dtype=ACC)
+    # dw partials stay 2-D across the loop and are reduced over rows once at the end: a per-tile tl.sum(axis=0)
+    # crosses warps (shared memory + a barrier every tile) for rows spread over several warps.
+    dw = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=ACC)
     tile_start = pid.to(tl.int64) * tiles_per_program  # int64 start: the loop index (and row offsets) are int64
     tile_end = tl.minimum(tile_start + tiles_per_program, tl.cdiv(n_rows, BLOCK_ROWS))
     for tile in range(tile_start, tile_end):
@@ -154,14 +157,14 @@ def _rms_norm_bwd_kernel(
             n_w = n
             if ROUND_TO_W:
                 n_w = n.to(W.dtype.element_ty).to(ACC)
-            dw += tl.sum(g * n_w, axis=0)
+            dw += g * n_w
         if NEED_DX:
             g_n = g * w[None, :]
             c = tl.sum(g_n * n, axis=1) / D
             dx = rho[:, None] * (g_n - n * c[:, None])
             tl.store(DX + rows[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if NEED_DW:
-        tl.store(DW_PART + pid * stride_p + offs_d, dw, mask=mask_d)
+        tl.store(DW_PART + pid * stride_p + offs_d, tl.sum(dw, axis=0), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,6 +243,7 @@ def _launch_fwd(
     if x.numel() == 0:
         return y, ty
     layout, (x, tx_or_x) = shared_row_layout(x, x if tx is None else tx)
+    check_row_count("rms_norm", layout.n_rows)
     dense = y if y is not None else ty
     (_, r1, r2), (sx, stx) = layout.sizes, layout.strides
     _rms_norm_fwd_kernel[(triton.cdiv(layout.n_rows, block_rows),)](
@@ -312,6 +316,7 @@ def _rms_norm_bwd(
     if x.numel() == 0 or not (need_dx or need_dweight):
         return dx, dweight.zero_()
     layout, (grad_out, x) = shared_row_layout(grad_out, x)
+    check_row_count("rms_norm backward", layout.n_rows)
     (_, r1, r2), (sg, sx) = layout.sizes, layout.strides
     n_tiles = triton.cdiv(layout.n_rows, block_rows)
     programs, tiles_per_program = reduction_split(n_tiles if need_dweight else 1, 1, x.device)

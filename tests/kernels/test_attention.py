@@ -221,6 +221,44 @@ def test_fp16_operand_overflow_falls_back_to_exact_operands(device):
     assert torch.isfinite(tangent_only).all()
 
 
+def test_fp16_overflow_recomputes_only_the_flagged_rows(device):
+    """The guarded pass flags rows, the fix-up launch redoes only those: a huge tQ row (|P⊙tS| beyond fp16) gets the
+    exact-operand answer, every other row keeps the fp16-operand result bit for bit (tS of row i needs only tQ_i)."""
+    q, k, v, tq, tk, tv = _qkv(1, 1, 70, 90, 64, device)
+    scale = 1 / math.sqrt(64)
+    o_ref, to_ref, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, scale, True)
+    tq_big = tq.clone()
+    tq_big[0, 0, 3] *= 1e6
+    o, to, _ = AttentionJVPFunction.apply(q, k, v, tq_big, tk, tv, scale, True)
+    others = [i for i in range(70) if i != 3]
+    assert torch.equal(o[:, :, others], o_ref[:, :, others]) and torch.equal(to[:, :, others], to_ref[:, :, others])
+    truth_o, truth_t = ref.attention_jvp(*f64(q, k, v, tq_big, tk, tv))
+    torch_o, torch_t = ref.attention_jvp(q, k, v, tq_big, tk, tv)
+    # Row 3 (O and tO) was recomputed with fp32 operands: fp32 parity, and O no longer carries fp16 rounding.
+    assert_parity(OP, "tangent", to[:, :, 3:4], torch_t[:, :, 3:4], truth_t[:, :, 3:4])
+    assert_parity(OP, "out", o[:, :, 3:4], torch_o[:, :, 3:4], truth_o[:, :, 3:4])
+    assert not torch.equal(o[:, :, 3], o_ref[:, :, 3])
+
+
+def test_tangent_kernel_reads_the_saved_output(device):
+    """tO = Σ P·(tS·V + tV) − μ·O with O taken from the primal pass: given O = 0 the kernel must return exactly the
+    first term, (P⊙tS)·V + P·tV; given the true O, the full tangent."""
+    from kernels.attention import _attention_tangent
+
+    q, k, v, tq, tk, tv = _qkv(1, 2, 33, 47, 32, device)
+    scale = 1 / math.sqrt(32)
+    o, lse = AttentionFunction.apply(q, k, v, scale, False)
+    Q, K, V, TQ, TK, TV = f64(q, k, v, tq, tk, tv)
+    p = torch.softmax(Q @ K.transpose(-1, -2) * scale, -1)
+    ts = (TQ @ K.transpose(-1, -2) + Q @ TK.transpose(-1, -2)) * scale
+    first = (p * ts) @ V + p @ TV
+    mu = (p * ts).sum(-1, keepdim=True)
+    got0 = _attention_tangent(q, k, v, torch.zeros_like(o), tq, tk, tv, lse, scale)
+    got = _attention_tangent(q, k, v, o, tq, tk, tv, lse, scale)
+    assert (got0.double() - first).abs().max() < 1e-4 * first.abs().max()
+    assert (got.double() - (first - mu * o.double())).abs().max() < 1e-4 * first.abs().max()
+
+
 def test_empty_query(device):
     q = torch.empty(1, 2, 0, 32, device=device)
     k, v = torch.randn(1, 2, 5, 32, device=device), torch.randn(1, 2, 5, 32, device=device)

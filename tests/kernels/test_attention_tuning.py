@@ -1,0 +1,108 @@
+"""kernels/attention_tuning.py: the prune keeps only live candidates (fitting shared memory, wgmma-sized M, the mode's
+measured list), its shared-memory estimate bounds what the sm_90 compiler allocated, and head dims that cannot fit
+raise a named error. Pure Python: the prune runs on the GPU's autotuner, so it is tested here directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import attention_tuning as tuning
+
+BF16 = torch.empty(0, dtype=torch.bfloat16)  # the prune only reads Q's device and element size
+FLUX_N = 8192  # bucket of 4608 tokens
+FWD_MODES = {
+    "primal": {"WRITE_TO": False, "FIXED_LSE": False},
+    "fused": {"WRITE_TO": True, "FIXED_LSE": False},
+    "tangent": {"WRITE_TO": True, "FIXED_LSE": True},
+}
+
+
+def _keep(kind, mode_flags, head_dim, n=FLUX_N, q=BF16):
+    named = {"Q": q, "N_Q_BUCKET": n, "N_K_BUCKET": n}
+    flags = dict(mode_flags, HEAD_DIM=head_dim, HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    return tuning.pruner(kind)(tuning.configs(), named, **flags)
+
+
+def _key(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+CASES = [("fwd", m, f) for m, f in FWD_MODES.items()] + [("dkdv", "dkdv", {}), ("dq", "dq", {})]
+
+
+@pytest.mark.parametrize("kind, mode, flags", CASES, ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kept_candidates_are_the_modes_own_fit_and_are_wgmma_sized(kind, mode, flags, head_dim):
+    kept = _keep(kind, flags, head_dim)
+    assert kept and {_key(c) for c in kept} == set(tuning._CANDIDATES[mode])
+    for c in kept:
+        smem = tuning.shared_memory_estimate(kind, c, head_dim, 2, dict(flags, HAS_TQ=True, HAS_TK=True, HAS_TV=True))
+        assert smem <= tuning.SM90_MAX_SMEM
+        assert c.kwargs["BLOCK_N" if kind == "dkdv" else "BLOCK_M"] >= 64  # wgmma's M, else mma.sync
+
+
+def test_no_dkdv_candidate_has_a_32_row_key_block():
+    """dK/dV's matmuls have BLOCK_N rows: BLOCK_N = 32 compiled to HMMA (mma.sync) in the sm_90 report."""
+    assert all(bn >= 64 for _, bn, _, _ in tuning._CANDIDATES["dkdv"] + tuning._CANDIDATES_D256["dkdv"])
+    assert tuning._wgmma_rows("dkdv", tuning.make_config(128, 32, 8, 3)) == 32
+
+
+# (mode, config, head dim) -> metadata.shared the sm_90 compile (triton 3.9, bf16) reported; the estimate must bound it.
+MEASURED_SMEM = [
+    ("fused", (128, 32, 8, 3), 128, 163840),
+    ("fused", (64, 32, 4, 3), 128, 131072),
+    ("fused", (128, 64, 8, 3), 128, 262144),
+    ("tangent", (128, 32, 8, 3), 128, 163840),
+    ("primal", (64, 32, 4, 3), 128, 65536),
+    ("primal", (128, 128, 8, 2), 128, 163840),
+]
+
+
+@pytest.mark.parametrize("mode, cfg, head_dim, measured", MEASURED_SMEM)
+def test_shared_memory_estimate_bounds_the_compilers_allocation(mode, cfg, head_dim, measured):
+    flags = dict(FWD_MODES[mode], HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    estimate = tuning.shared_memory_estimate("fwd", tuning.make_config(*cfg), head_dim, 2, flags)
+    assert measured <= estimate <= measured + tuning._SMEM_SLACK
+
+
+def test_the_configs_that_overflowed_shared_memory_are_pruned():
+    """The issue's dead candidates: fused BM128/BN64/s3 and BM64/BN128/s2 at head dim 128 (262 KB, 299 KB)."""
+    flags = dict(FWD_MODES["fused"], HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    for cfg in ((128, 64, 8, 3), (64, 128, 8, 2)):
+        assert not tuning._fits("fwd", tuning.make_config(*cfg), 128, 2, flags, tuning.SM90_MAX_SMEM)
+
+
+def test_short_sequences_keep_the_smallest_fitting_candidate():
+    kept = _keep("fwd", FWD_MODES["fused"], 128, n=16)  # every fused candidate is 128 rows: longer than 16
+    assert len(kept) == 1 and _key(kept[0]) in tuning._CANDIDATES["fused"]
+    kept = _keep("fwd", FWD_MODES["primal"], 64, n=16)
+    assert [_key(c) for c in kept] == [(64, 32, 4, 3)]
+
+
+@pytest.mark.parametrize("kind, mode, flags", CASES, ids=[c[1] for c in CASES])
+def test_head_dim_256_fits_hopper_with_its_own_tile(kind, mode, flags):
+    kept = _keep(kind, flags, 256)
+    assert [_key(c) for c in kept] == list(tuning._CANDIDATES_D256[kind])
+    tuning.check_fits(256, BF16, flags.get("FIXED_LSE", False), flags.get("WRITE_TO", False), True, True, True, kind)
+
+
+def test_head_dim_256_on_a_smaller_gpu_raises_a_named_error(monkeypatch):
+    monkeypatch.setattr(tuning, "_smem_limit", lambda device: 101376)  # an sm_86-class GPU: 99 KiB per block
+    with pytest.raises(ValueError, match=r"head dim 256 \(bfloat16, fwd kernel\) needs at least 200704 B .* 101376 B"):
+        tuning.check_fits(256, BF16, False, True, True, True, True)
+    tuning.check_fits(64, BF16, False, True, True, True, True)  # head dim 64 still fits
+
+
+def test_fixup_tile_is_the_spill_free_one_and_falls_back_for_head_dim_256():
+    flags = dict(FWD_MODES["fused"], HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    assert tuning.fixup_meta(128, BF16, flags) == {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+    assert tuning.fixup_meta(256, BF16, flags)["BLOCK_M"] == 64
+
+
+def test_every_candidate_is_in_the_autotuners_list_once():
+    keys = [_key(c) for c in tuning.configs()]
+    assert len(keys) == len(set(keys))
+    listed = {c for group in tuning._CANDIDATES.values() for c in group}
+    listed |= {c for group in tuning._CANDIDATES_D256.values() for c in group}
+    assert set(keys) == listed
