@@ -190,3 +190,49 @@ def test_two_processes_train_and_agree(folder, images, tmp_path, backend):
     summary = json.loads((out / "rank0_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["counters"]["nonfinite_skipped"] == 0
     assert (out / "checkpoint-4").is_dir() and (out / "transformer_4.safetensors").is_file()
+
+
+def test_validation_grids_are_written_and_logged(folder, images, tmp_path):
+    out = tmp_path / "val"
+    train(parse_args("scm", flags(folder, images, out, "--max_train_steps", "2", "--jvp", "reference",
+                                  "--validation_prompts", "one red circle", "two blue squares",
+                                  "--validation_steps", "2", "--validation_inference_steps", "1", "2",
+                                  "--report_to", "tensorboard", "--ema_decay", "0.5")))
+    from PIL import Image
+
+    for steps in (1, 2):
+        grid = Image.open(out / "validation" / f"step0000002_nfe{steps}.png")
+        assert grid.width > 2 * 32 and grid.height > 32  # two prompts side by side, a label row
+    events = list((out / "logs").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert {"validation/nfe1", "validation/nfe2"} <= set(acc.Tags()["images"])
+    assert {"loss_sCM", "grad_norm", "lr", "samples_per_s", "step_time_s"} <= set(acc.Tags()["scalars"])
+
+
+def test_a_cache_of_another_resolution_is_refused_before_any_model_is_loaded(folder, images, tmp_path, monkeypatch):
+    from t2i_distill.data import DataConfig, build_cache
+
+    cache = tmp_path / "cache"
+    build_cache(DataConfig(train_data_dir=str(images), resolution=32), cache, str(folder), max_sequence_length=8,
+                rank=0, world_size=1)
+    from t2i_distill.training import trainer
+
+    monkeypatch.setattr(trainer, "load_models", lambda *a, **k: pytest.fail("models loaded before the cache check"))
+    base = [a for a in flags(folder, images, tmp_path / "out", "--max_train_steps", "1") if a not in ()]
+    i = base.index("--train_data_dir")
+    base[i:i + 2] = ["--cached_dataset", str(cache)]
+    with pytest.raises(ValueError, match="resolution"):
+        train(parse_args("meanflow", [*base, "--resolution", "64"]))
+
+
+def test_launch_script_semantics(tmp_path):
+    script = REPO / "scripts" / "train.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage" in done.stderr
+    done = subprocess.run(["bash", str(script), "scm"], capture_output=True, text=True,
+                          env={**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1"})
+    assert done.returncode == 2 and "MASTER_ADDR" in done.stderr  # several nodes need node 0's address
