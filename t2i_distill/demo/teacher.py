@@ -101,11 +101,11 @@ class DemoTeacherConfig:
 
     resolution: int = 32
     num_images: int = 2048
-    vae_steps: int = 300
+    vae_steps: int = 400
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
-    flow_steps: int = 700
+    flow_steps: int = 1000
     flow_batch_size: int = 64
     flow_lr: float = 1e-3
     ema_decay: float = 0.995
