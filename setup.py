@@ -43,6 +43,8 @@ setup(
     python_requires=">=3.10",
     # The two top-level packages and their subpackages (t2i_distill.models, ...).
     packages=find_packages(include=["kernels", "kernels.*", "t2i_distill", "t2i_distill.*"]),
+    # The demo's shipped tiny teacher (a diffusers pipeline folder: configs, tokenizers, safetensors weights).
+    package_data={"t2i_distill.demo": ["teacher/*.json", "teacher/*.png", "teacher/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["t2i-distill=t2i_distill.cli:main"]},
