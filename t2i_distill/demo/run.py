@@ -17,7 +17,9 @@ Writes ``<output_dir>/report.md``, ``report.json`` and ``grid.png`` (default ``d
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import platform
 import shutil
 import time
@@ -76,10 +78,12 @@ def _spot_check_dual(teacher: Path, cache: Path, s: dict) -> dict:
     batch = next(iter(data))
     config = SCMConfig(scm_cfg_scale=(s["guidance"],), tangent_warmup_steps=20)
     teacher_model, _ = load_student(teacher, kind="trigflow")
+    # One student for both modes (its logvar head is freshly initialised by the loader: load it once, copy it).
+    initial, _ = load_student(teacher, kind="trigflow")
     results = {}
     draws = draw_scm(batch, config, generator=torch.Generator().manual_seed(0))
     for mode in ("reference", "dual"):
-        student, _ = load_student(teacher, kind="trigflow")
+        student = copy.deepcopy(initial)
         if mode == "dual":
             apply_kernels_to_flux(student)
         loss, _ = scm_loss(student, teacher_model, batch, step=10, config=config, draws=draws, jvp_mode=mode)
@@ -104,10 +108,12 @@ def _sample(method: str, teacher: Path, checkpoint: Path | None, metadata: list,
     return {"seconds_per_image": stats["seconds"] / max(images, 1), "images": images}
 
 
-def _first_images(folder: Path, count: int) -> list:
+def _first_images(folder: Path, count: int, scale: int = 2) -> list:
+    """The first sample of each prompt, enlarged ``scale``× (nearest) so the grid of 32 px images is readable."""
     from PIL import Image
 
-    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*/samples/0000.png"))[:count]]
+    images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*/samples/0000.png"))[:count]]
+    return [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
 
 
 def run_demo(output_dir: str | Path = "demo", settings: dict | None = None, teacher: str | Path | None = None,
@@ -124,6 +130,8 @@ def run_demo(output_dir: str | Path = "demo", settings: dict | None = None, teac
     from t2i_distill.training.trainer import train
 
     s = {**DEMO_SETTINGS, **(settings or {})}
+    # The demo prints its own phase lines; the trainer's and the loaders' progress bars would drown them.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     if not torch.cuda.is_available():
         # Tiny models on a CPU: one intra-op thread is several times faster than torch's default pool here.
         torch.set_num_threads(1)
@@ -183,7 +191,7 @@ def run_demo(output_dir: str | Path = "demo", settings: dict | None = None, teac
     grid.save(out / "grid.png")
 
     report = {"settings": s, "timings_s": timings, "total_s": round(sum(timings.values()), 1),
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, "
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
               "dual_spot_check": spot, "results": results, "grid": str(out / "grid.png")}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
