@@ -14,24 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Validator", "image_grid"]
-
-
-def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str]):
-    """A PIL grid of PIL images ``rows[r][c]`` with a text label per row (left) and per column (top)."""
-    from PIL import Image, ImageDraw
-
-    width, height = rows[0][0].size
-    left, top = 6 * max(len(s) for s in row_labels) + 8, 14
-    grid = Image.new("RGB", (left + width * len(rows[0]), top + height * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, label in enumerate(col_labels):
-        draw.text((left + c * width + 2, 1), label[: max(1, width // 6)], fill="black")
-    for r, (images, label) in enumerate(zip(rows, row_labels)):
-        draw.text((2, top + r * height + height // 2 - 5), label, fill="black")
-        for c, image in enumerate(images):
-            grid.paste(image.convert("RGB"), (left + c * width, top + r * height))
-    return grid
+__all__ = ["Validator"]
 
 
 class Validator:
@@ -82,20 +65,17 @@ class Validator:
     def _weights(self, student, ema):
         """The EMA weights in the student for the duration (when kept), eval mode; restored afterwards."""
         was_training = student.training
-        backup = None
-        if ema is not None:
-            backup = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            ema.copy_to(student)
         student.eval()
         try:
-            yield
+            with ema.average_parameters(student) if ema is not None else contextlib.nullcontext():
+                yield
         finally:
-            if backup is not None:
-                student.load_state_dict(backup)
             student.train(was_training)
 
     @torch.no_grad()
     def run(self, student, ema, step: int) -> dict:
+        from t2i_distill.eval.grid import labelled_grid
+
         pipe = self._pipeline(student)
         grids = {}
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +90,7 @@ class Validator:
                                        height=self.args.resolution, width=self.args.resolution, generator=generator,
                                        max_sequence_length=self.args.max_sequence_length).images
                     rows.append(images)
-                grid = image_grid(rows, [f"#{k}" for k in range(len(rows))], self.prompts)
+                grid = labelled_grid(rows, column_labels=self.prompts, row_labels=[f"#{k}" for k in range(len(rows))])
                 grid.save(self.out_dir / f"step{step:07d}_nfe{steps}.png")
                 grids[f"validation/nfe{steps}"] = grid
         return grids

@@ -9,20 +9,16 @@ import torch
 from t2i_distill.losses import MeanFlowDraws, SCMDraws
 from t2i_distill.models import FluxStudent, TrigFlowStudent
 from t2i_distill.tiny import TINY_FLUX_CONFIG
+from tests.t2i_distill.flux_helpers import build as build_tiny
 
 #: Latents (B, 4, 4, 4) pack to 4 tokens of 16 channels (TINY_FLUX_CONFIG's in_channels); 3 text tokens.
 LATENT_C, LATENT_H, LATENT_W, TEXT_TOKENS = 4, 4, 4, 3
 
 
 def build(cls, seed: int, **overrides) -> torch.nn.Module:
-    """A seeded tiny model with every parameter perturbed, so no term of the losses is trivially zero."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(**{**TINY_FLUX_CONFIG, **overrides})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    return model
+    """A seeded tiny model with every parameter perturbed, so no term of the losses is trivially zero (the patching
+    tests' builder, in train mode as a trainer holds its student; FLUX has no dropout or batch statistics)."""
+    return build_tiny(cls, seed, **overrides).train()
 
 
 def scm_models():
