@@ -8,10 +8,21 @@
   per-image FLOP counts.
 """
 
-from t2i_distill.pipelines.base import OUTPUT_TYPES, FewStepFluxPipeline
+import importlib
+
 from t2i_distill.pipelines.loading import DEFAULT_STEPS, METHODS, load_pipeline
-from t2i_distill.pipelines.meanflow import FluxMeanFlowPipeline
-from t2i_distill.pipelines.scm import FluxSCMPipeline
+
+# The pipeline classes subclass diffusers' FluxPipeline: import them (and diffusers) only when asked, so the command
+# line (which registers `sample`/`geneval` through this package) stays light.
+_LAZY = {"OUTPUT_TYPES": "base", "FewStepFluxPipeline": "base", "FluxMeanFlowPipeline": "meanflow",
+         "FluxSCMPipeline": "scm"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"t2i_distill.pipelines.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 't2i_distill.pipelines' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_STEPS",

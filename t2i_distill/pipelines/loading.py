@@ -23,8 +23,6 @@ import os
 
 import torch
 
-from t2i_distill.models.loading import load_student
-
 __all__ = ["DEFAULT_STEPS", "METHODS", "load_pipeline"]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +52,7 @@ def load_pipeline(
     """
     from diffusers import FluxPipeline, SCMScheduler
 
+    from t2i_distill.models.loading import load_student
     from t2i_distill.pipelines.meanflow import FluxMeanFlowPipeline
     from t2i_distill.pipelines.scm import FluxSCMPipeline
 
