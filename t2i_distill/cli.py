@@ -19,15 +19,16 @@ from pathlib import Path
 def _enable_interpreter_without_gpu() -> bool:
     """Turn on Triton's interpreter when there is no GPU, before any kernel module is imported.
 
-    Returns True when this call switched it on. Kernel modules already imported keep their mode, so this must run
-    first thing in a command that launches kernels.
+    Returns True when this call switched it on. Triton fixes the mode of a kernel when it is decorated, and anything
+    importing Triton first (diffusers does) would leave helpers compiled-mode, so :func:`main` calls this before it
+    imports anything else, for every command that launches kernels.
     """
     import torch
 
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"):
         return False
-    if "kernels.gated_residual" in sys.modules:
-        raise RuntimeError("kernels were imported before the interpreter could be enabled; set TRITON_INTERPRET=1")
+    if "kernels.gated_residual" in sys.modules or "triton" in sys.modules:
+        raise RuntimeError("Triton was imported before the interpreter could be enabled; set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
     return True
 
@@ -40,8 +41,6 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:
-    if _enable_interpreter_without_gpu():
-        print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
     import torch
 
     from t2i_distill.report import run_report
@@ -52,8 +51,6 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 
 
 def _cmd_steps(args: argparse.Namespace) -> int:
-    if _enable_interpreter_without_gpu():
-        print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
     import json
 
     import torch
@@ -125,11 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that launch Triton kernels (the trainer's --jvp dual|func, the demo's dual spot check, the reports).
+_KERNEL_COMMANDS = ("parity", "steps", "train", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["train"], ["demo"]) and _enable_interpreter_without_gpu():
-        # `--jvp dual|func` (and the demo's dual spot check) launch the Triton kernels; on a CPU they need it.
-        print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)")
+    if argv[:1] and argv[0] in _KERNEL_COMMANDS and _enable_interpreter_without_gpu():
+        print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
     if argv[:1] == ["train"]:  # the trainer owns its (long) flag list and --config handling
         from t2i_distill.training.trainer import main as train_main
 

@@ -114,7 +114,9 @@ def test_interrupted_build_resumes_and_skips_finished_shards(tmp_path, data_root
                                                                                                          **k))
     m = build_cache(cfg, out, str(tiny_flux_dir), **kw)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-0000[01]*")} == finished
-    assert len(encoded) == m.num_records - sum(s["num_records"] for s in m.shards[:2])  # only shards 2..4 encoded
+    captions = [p for p in encoded if p != " "]  # " ": MeanFlow's empty prompt, encoded once when the cache completes
+    assert len(captions) == m.num_records - sum(s["num_records"] for s in m.shards[:2])  # only shards 2..4 encoded
+    assert encoded.count(" ") == 1
     assert [s["file"] for s in m.shards] == [f"shard-{k:05d}.safetensors" for k in range(5)]
     reference = CacheReader(cache)  # the same records, encoded by another build: the same tensors
     by_id = {reference.load_item(j)["id"].split(".")[0]: reference.load_item(j) for j in range(len(reference))}
@@ -177,3 +179,16 @@ def test_two_processes_under_torchrun_share_the_work_without_gaps_or_duplicates(
     expected = [f"shard-{n // 12:05d}.tar/{i.name}" for n, i in enumerate(items) if i.good]
     assert ids == expected and m.num_source_records == len(items)
     assert json.loads((out / "cache_plan.json").read_text())["shard_size"] == 5
+
+
+def test_the_cache_holds_the_empty_prompt_for_meanflow(tmp_path, tiny_models, cache):
+    from t2i_distill.data import load_empty_prompt
+
+    te, _ = tiny_models
+    embeds, pooled = load_empty_prompt(cache)
+    expected = te.encode([" "], max_sequence_length=embeds.shape[1])
+    assert embeds.shape[0] == 1 and pooled.shape[0] == 1
+    torch.testing.assert_close(embeds, expected.prompt_embeds.to(embeds.dtype))
+    torch.testing.assert_close(pooled, expected.pooled_prompt_embeds.to(pooled.dtype))
+    with pytest.raises(ValueError, match="empty_prompt"):
+        load_empty_prompt(tmp_path)

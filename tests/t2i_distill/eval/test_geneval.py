@@ -103,7 +103,9 @@ def test_layout_and_resume(tmp_path, scm_pipe):
 
 
 def _launch(tiny_folder, metadata_path, out, rank, world):
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "PYTHONPATH": str(REPO)}
+    # One intra-op thread, as this test process (tests/conftest.py): float sums depend on the thread count, and the
+    # claim under test is that images do not depend on the number of *processes*.
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "t2i_distill.eval.geneval", "--metadata", str(metadata_path), "--output_dir",
            str(out), "--pretrained_model_name_or_path", str(tiny_folder), "--method", "scm",
            "--num_inference_steps", "1", "--resolution", "64", "--max_sequence_length", "16", "--images_per_prompt",
