@@ -24,20 +24,14 @@ from pathlib import Path
 
 import torch
 
+from t2i_distill.tiny import TINY_FLUX_CONFIG
+
 __all__ = ["TINY_PIPELINE_TRANSFORMER", "TINY_VOCABULARY", "build_tiny_flux_pipeline", "write_tiny_flux_pipeline"]
 
 #: The transformer of the tiny folder (stock diffusers class; ``load_student`` reads it as a student or teacher).
 TINY_PIPELINE_TRANSFORMER: dict[str, object] = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 32,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 32,
-    "guidance_embeds": True,
-    "axes_dims_rope": (8, 12, 12),
+    **TINY_FLUX_CONFIG,
+    "in_channels": 64,  # a pipeline packs 16 VAE latent channels in 2×2 patches, as FLUX
 }
 
 #: Whole words the tiny tokenizers know (anything else falls back to characters).

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i_distill.tiny_pipeline import TINY_PIPELINE_TRANSFORMER
+
 __all__ = [
     "DEMO_SCHEDULER",
     "DEMO_TRANSFORMER",
@@ -50,16 +52,9 @@ __all__ = [
 
 #: The ×1 FLUX teacher: 2 double + 2 single blocks, 2 heads × 32 (hidden 64); text dims = the tiny encoders' 32.
 DEMO_TRANSFORMER: dict[str, object] = {
-    "patch_size": 1,
-    "in_channels": 64,
+    **TINY_PIPELINE_TRANSFORMER,
     "num_layers": 2,
     "num_single_layers": 2,
-    "attention_head_dim": 32,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 32,
-    "guidance_embeds": True,
-    "axes_dims_rope": (8, 12, 12),
     "time_scale": 1.0,
 }
 
