@@ -86,12 +86,15 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 # Under the interpreter every program is Python-level numpy: fewer, larger tiles run much faster, and 64 still
 # leaves ragged lengths (17, 100, 257, 1000) with partial and multiple tiles.
 _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
+#: The forward loop variant the interpreter runs (``tuning.VARIANTS``; tests set it to check each one). On GPUs the
+#: variant is an autotune dimension instead.
+_INTERPRETER_VARIANT = "plain"
 
 
 _KEY = ["HEAD_DIM", "N_Q_BUCKET", "N_K_BUCKET"]  # + the dtypes of all tensor arguments, which triton always adds
 # The forward kernel's modes differ in registers and shared memory (two accumulators and three more tiles with a
 # tangent), so each mode gets its own tuning entry; the fix-up pass (GUARD) too, it is timed on different work.
-_FWD_MODE_KEY = ["WRITE_TO", "FIXED_LSE", "HAS_TQ", "HAS_TK", "HAS_TV", "ROUND_F16", "GUARD"]
+_FWD_MODE_KEY = ["WRITE_TO", "FIXED_LSE", "HAS_TQ", "HAS_TK", "HAS_TV", "ROUND_F16", "GUARD", "MERGE_OK"]
 
 
 def _tuned(kernel, kind, key):
@@ -106,10 +109,11 @@ _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv", _KEY)
 _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq", _KEY)
 
 
-def _launch(kernel, tuned, grid_of_meta, *args, **kwargs):
-    """Launch ``tuned`` (GPU) or ``kernel`` with the fixed interpreter config; map resource failures to an error."""
+def _launch(kernel, tuned, grid_of_meta, *args, variant=None, **kwargs):
+    """Launch ``tuned`` (GPU) or ``kernel`` with the fixed interpreter config (plus the forward kernel's loop
+    ``variant`` flags); map resource failures to an error."""
     if tuned is None:
-        meta = dict(_INTERPRETER_CONFIG)
+        meta = dict(_INTERPRETER_CONFIG, **(variant or {}))
         kernel[grid_of_meta(meta)](*args, **kwargs, **meta)
         return
     try:
@@ -183,6 +187,11 @@ def _strides3(t: torch.Tensor | None, fallback: torch.Tensor) -> tuple[int, int,
     return s[0], s[1], s[2]
 
 
+def _delta(t: torch.Tensor | None, base: torch.Tensor) -> int:
+    """Element offset from ``base`` to its tangent ``t`` (the MERGE variant loads both tiles as one); 0 if unused."""
+    return 0 if t is None else (t.data_ptr() - base.data_ptr()) // t.element_size()
+
+
 def _precision(dtype: torch.dtype, round_f16: bool) -> dict[str, object]:
     """PV operand dtype, whether the fp16 overflow guard runs, and tl.dot precision for an input dtype (see the
     module docstring). ``round_f16`` (tests) emulates the fp16 operands of bf16 inputs with fp32 arithmetic."""
@@ -221,12 +230,13 @@ def _launch_fwd(q, k, v, tq, tk, tv, lse_in, o_in, scale, write_o, write_to, wri
     guard = precision.pop("guard")
     flags = torch.empty((b, h, n_q), dtype=torch.int32, device=q.device) if guard else lse
     to_buf = to if to is not None else o
+    merge_ok = tuning.merge_applicable(k, v, tk, tv)
     args = (
         q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv, o, to_buf, lse, flags,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *_strides3(tq, q), *_strides3(tk, k), *_strides3(tv, v),
         *o.stride()[:3], *to_buf.stride()[:3],
-        h, n_q, n_k, scale, _bucket(n_q), _bucket(n_k),
+        h, n_q, n_k, scale, _delta(tk, k), _delta(tv, v), _bucket(n_q), _bucket(n_k), int(merge_ok),
     )
     flags_kw = dict(HEAD_DIM=d, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
                     WRITE_O=write_o, WRITE_TO=write_to, WRITE_LSE=write_lse, FIXED_LSE=fixed)
@@ -234,13 +244,14 @@ def _launch_fwd(q, k, v, tq, tk, tv, lse_in, o_in, scale, write_o, write_to, wri
     def grid(meta):
         return (b * h * triton.cdiv(n_q, meta["BLOCK_M"]),)
 
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, *args, **flags_kw, **precision,
+    variant = tuning.variant_flags(_INTERPRETER_VARIANT, merge_ok)
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, *args, **flags_kw, **precision, variant=variant,
             GUARD=GUARD_RECORD if guard else GUARD_NONE)
     if guard:
         fixup = dict(flags_kw, PV_DTYPE=_TL_DTYPE[q.dtype], GUARD=GUARD_FIXUP, ROUND_F16=False,
                      INPUT_PRECISION=precision["INPUT_PRECISION"])
         if _attn_fwd_tuned is None:
-            _launch(_attn_fwd_kernel, None, grid, *args, **fixup)
+            _launch(_attn_fwd_kernel, None, grid, *args, **fixup, variant=variant)
         else:  # not autotuned: it rarely has work, and timing it would measure reading the flags
             meta = tuning.fixup_meta(d, q, flags_kw)
             _attn_fwd_kernel[grid(meta)](*args, **fixup, **meta)

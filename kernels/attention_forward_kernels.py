@@ -18,8 +18,145 @@ def _pv_operand(x, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr):
     """Cast an operand of the P·V-side products. ROUND_F16 (tests only) rounds fp32 through fp16 and back, so the
     interpreter exercises the fp16 overflow fallback with fp32 arithmetic."""
     if ROUND_F16:
-        return x.to(tl.float16).to(tl.float32)
-    return x.to(PV_DTYPE)
+        y = x.to(tl.float16).to(tl.float32)
+    else:
+        y = x.to(PV_DTYPE)
+    return y
+
+
+@triton.jit
+def _load_tile(BASE, desc, start_n, offs_n, stride_row, offs_d, mask_n, USE_TMA: tl.constexpr):
+    """A (BLOCK_N, HEAD_DIM) key/value tile: a TMA load (rows past the end zero-filled by the descriptor's bounds,
+    which are this (batch, head)'s own Nk rows) or a masked pointer load."""
+    if USE_TMA:
+        x = desc.load([start_n, 0])
+    else:
+        x = _load_rows(BASE, offs_n, stride_row, offs_d, mask_n)
+    return x
+
+
+@triton.jit
+def _load_pair(BASE, delta, offs_n, stride_row, offs_d, mask_n, ROWS_FIRST: tl.constexpr):
+    """Two same-layout tensors' tiles in one load (``delta``: the element offset from the first to the second).
+    ROWS_FIRST: (BLOCK_N, 2·D) = [X | Y] (the K-dim concatenation of tS's operand); else (2·BLOCK_N, D) = [X ; Y]."""
+    pair = tl.arange(0, 2).to(tl.int64) * delta
+    if ROWS_FIRST:
+        offs = offs_n[:, None, None] * stride_row + pair[None, :, None] + offs_d[None, None, :]
+        x = tl.load(BASE + offs, mask=mask_n[:, None, None], other=0.0)
+        out = tl.reshape(x, [offs_n.shape[0], 2 * offs_d.shape[0]])
+    else:
+        offs = pair[:, None, None] + offs_n[None, :, None] * stride_row + offs_d[None, None, :]
+        x = tl.load(BASE + offs, mask=mask_n[None, :, None], other=0.0)
+        out = tl.reshape(x, [2 * offs_n.shape[0], offs_d.shape[0]])
+    return out
+
+
+@triton.jit
+def _cat_cols(a, b):
+    """[a | b] along the last (matmul K) dimension, through registers."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [a.shape[0], 2 * a.shape[1]])
+
+
+@triton.jit
+def _tile_scores(
+    q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta, start_n, offs_d, n_k,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, WANT_TS: tl.constexpr, MERGED_TS: tl.constexpr,
+    SPLIT_TS: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Raw (unscaled, unmasked) Q·Kᵀ and tS pieces of the key tile at ``start_n``: ``(s, ts, ts2)`` with
+    tS = ts + ts2 when SPLIT_TS (tQ·Kᵀ and Q·tKᵀ as two independent dots), else ts2 unused. Nothing here reads a
+    dot's result, so under PIPELINE every one of them can stay in flight until the next iteration's softmax
+    (Triton makes a wgmma "properly async" only if its result goes straight to the loop's yield, and a chained
+    ``dot(q, tk, ts)`` reads ts)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_k
+    k = _load_tile(K_BH, k_desc, start_n, offs_n, stride_kn, offs_d, mask_n, USE_TMA)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    ts = s
+    ts2 = s
+    if WANT_TS:
+        if MERGED_TS:  # tS = [tQ | Q]·[K | tK]ᵀ: one dot with K-dim 2·D
+            k_cat = _load_pair(K_BH, tk_delta, offs_n, stride_kn, offs_d, mask_n, True)
+            ts = tl.dot(q_cat, tl.trans(k_cat), input_precision=INPUT_PRECISION)
+        elif SPLIT_TS:
+            ts = tl.dot(tq, tl.trans(k), input_precision=INPUT_PRECISION)
+            tk = _load_tile(TK_BH, tk_desc, start_n, offs_n, stride_tkn, offs_d, mask_n, USE_TMA)
+            ts2 = tl.dot(q, tl.trans(tk), input_precision=INPUT_PRECISION)
+        else:
+            ts = tl.zeros_like(s)
+            if HAS_TQ:
+                ts = tl.dot(tq, tl.trans(k), ts, input_precision=INPUT_PRECISION)
+            if HAS_TK:
+                tk = _load_tile(TK_BH, tk_desc, start_n, offs_n, stride_tkn, offs_d, mask_n, USE_TMA)
+                ts = tl.dot(q, tl.trans(tk), ts, input_precision=INPUT_PRECISION)
+    return s, ts, ts2
+
+
+@triton.jit
+def _tile_softmax(
+    s, ts, ts2, acc_o, acc_t, m_i, l_i, mu_i, start_n, n_k, qk_scale, sm_scale,
+    HAS_TS: tl.constexpr, WANT_TANGENT: tl.constexpr, FIXED_LSE: tl.constexpr, SPLIT_TS: tl.constexpr,
+    MERGED_PV: tl.constexpr, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update of one key tile from its raw scores; returns the P·V-side A operands ``(p, a_t)``
+    (a_t: P⊙tS, or [P⊙tS | P] when MERGED_PV) and the rescaled state."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    s = tl.where((offs_n < n_k)[None, :], s * qk_scale, float("-inf"))
+    if FIXED_LSE:
+        p = tl.math.exp2(s - m_i[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc_o = acc_o * alpha[:, None]
+        if WANT_TANGENT:
+            acc_t = acc_t * alpha[:, None]
+            mu_i = mu_i * alpha
+        m_i = m_new
+    p_op = _pv_operand(p, PV_DTYPE, ROUND_F16)
+    a_t = p_op
+    if WANT_TANGENT and HAS_TS:
+        if SPLIT_TS:
+            ts = ts + ts2
+        p_ts = p * (ts * sm_scale)
+        mu_i += tl.sum(p_ts, 1)
+        if MERGED_PV:
+            a_t = _pv_operand(_cat_cols(p_ts, p), PV_DTYPE, ROUND_F16)
+        else:
+            a_t = _pv_operand(p_ts, PV_DTYPE, ROUND_F16)
+    return p_op, a_t, acc_o, acc_t, m_i, l_i, mu_i
+
+
+@triton.jit
+def _tile_products(
+    p_op, a_t, acc_o, acc_t, V_BH, TV_BH, v_desc, tv_desc, stride_vn, stride_tvn, tv_delta, start_n, offs_d, n_k,
+    HAS_TS: tl.constexpr, HAS_TV: tl.constexpr, WANT_TANGENT: tl.constexpr, FIXED_LSE: tl.constexpr,
+    MERGED_PV: tl.constexpr, USE_TMA: tl.constexpr, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """acc_o += P·V and acc_t += (P⊙tS)·V + P·tV for the value tile at ``start_n`` (rows outside [0, Nk) read 0)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < n_k) & (offs_n >= 0)  # PIPELINE's first trip multiplies a zero P with the tile at −BLOCK_N
+    NEED_V: tl.constexpr = (not FIXED_LSE) or (WANT_TANGENT and HAS_TS and not MERGED_PV)
+    if NEED_V:
+        v = _pv_operand(_load_tile(V_BH, v_desc, start_n, offs_n, stride_vn, offs_d, mask_n, USE_TMA), PV_DTYPE,
+                        ROUND_F16)
+        if not FIXED_LSE:
+            acc_o = tl.dot(p_op, v, acc_o, input_precision=INPUT_PRECISION)
+    if WANT_TANGENT:
+        if MERGED_PV:  # [P⊙tS | P]·[V ; tV]: one dot with K-dim 2·BLOCK_N
+            v_cat = _pv_operand(_load_pair(V_BH, tv_delta, offs_n, stride_vn, offs_d, mask_n, False), PV_DTYPE,
+                                ROUND_F16)
+            acc_t = tl.dot(a_t, v_cat, acc_t, input_precision=INPUT_PRECISION)
+        else:
+            if HAS_TS:
+                acc_t = tl.dot(a_t, v, acc_t, input_precision=INPUT_PRECISION)
+            if HAS_TV:
+                tv = _pv_operand(_load_tile(TV_BH, tv_desc, start_n, offs_n, stride_tvn, offs_d, mask_n, USE_TMA),
+                                 PV_DTYPE, ROUND_F16)
+                acc_t = tl.dot(p_op, tv, acc_t, input_precision=INPUT_PRECISION)
+    return acc_o, acc_t
 
 
 @triton.jit
@@ -27,57 +164,73 @@ def _attn_fwd_inner(
     acc_o, acc_t, m_i, l_i, mu_i,
     q, tq,
     K_BH, TK_BH, V_BH, TV_BH,  # pointers to this (batch, head)'s K, tK, V, tV
-    stride_kn, stride_tkn, stride_vn, stride_tvn,
+    stride_kn, stride_tkn, stride_vn, stride_tvn, tk_delta, tv_delta,
     offs_d, n_k, qk_scale, sm_scale,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, WANT_TANGENT: tl.constexpr,
     FIXED_LSE: tl.constexpr, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr, MERGE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Stream all K/V tiles for one block of query rows; returns the updated accumulators and softmax state.
 
     Online mode (FIXED_LSE False): m_i is the running max of S·log2(e)·scale, l_i the running Σ exp2(·−m_i).
     Fixed mode: m_i already holds LSE·log2(e), l_i is 1, nothing is rescaled and acc_o is not accumulated (the
     tangent kernel reads the primal's saved O instead: one matmul fewer per tile, one accumulator fewer).
+
+    PIPELINE (software pipelining): trip j first runs tile j−1's P·V-side products (synchronous wgmmas: their
+    accumulators are rescaled right after), then issues tile j+1's S/tS wgmmas, then tile j's softmax, which runs
+    on the CUDA cores while those wgmmas are in flight (Triton's rule 3b: the scores are first read after the
+    products' wait). One extra trip flushes the last tile's products; its softmax and look-ahead see fully masked
+    tiles. Costs per program: two masked S (and tS) tiles and one zero-P product, no second copy of the loop body.
+    MERGE, USE_TMA: see the kernel's docstring.
     """
     HAS_TS: tl.constexpr = HAS_TQ or HAS_TK
-    NEED_V: tl.constexpr = (not FIXED_LSE) or HAS_TS
-    for start_n in range(0, n_k, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_k
-        k = _load_rows(K_BH, offs_n, stride_kn, offs_d, mask_n)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        if FIXED_LSE:
-            p = tl.math.exp2(s - m_i[:, None])
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc_o = acc_o * alpha[:, None]
-            if WANT_TANGENT:
-                acc_t = acc_t * alpha[:, None]
-                mu_i = mu_i * alpha
-            m_i = m_new
-        p_op = _pv_operand(p, PV_DTYPE, ROUND_F16)
-        if NEED_V:
-            v = _pv_operand(_load_rows(V_BH, offs_n, stride_vn, offs_d, mask_n), PV_DTYPE, ROUND_F16)
-            if not FIXED_LSE:
-                acc_o = tl.dot(p_op, v, acc_o, input_precision=INPUT_PRECISION)
-        if WANT_TANGENT:
-            if HAS_TS:
-                ts = tl.zeros_like(s)
-                if HAS_TQ:
-                    ts = tl.dot(tq, tl.trans(k), ts, input_precision=INPUT_PRECISION)
-                if HAS_TK:
-                    tk = _load_rows(TK_BH, offs_n, stride_tkn, offs_d, mask_n)
-                    ts = tl.dot(q, tl.trans(tk), ts, input_precision=INPUT_PRECISION)
-                p_ts = p * (ts * sm_scale)
-                mu_i += tl.sum(p_ts, 1)
-                acc_t = tl.dot(_pv_operand(p_ts, PV_DTYPE, ROUND_F16), v, acc_t, input_precision=INPUT_PRECISION)
-            if HAS_TV:
-                tv = _pv_operand(_load_rows(TV_BH, offs_n, stride_tvn, offs_d, mask_n), PV_DTYPE, ROUND_F16)
-                acc_t = tl.dot(p_op, tv, acc_t, input_precision=INPUT_PRECISION)
+    WANT_TS: tl.constexpr = WANT_TANGENT and HAS_TS
+    MERGED_TS: tl.constexpr = MERGE and WANT_TANGENT and HAS_TQ and HAS_TK
+    MERGED_PV: tl.constexpr = MERGE and WANT_TANGENT and HAS_TS and HAS_TV
+    SPLIT_TS: tl.constexpr = PIPELINE and WANT_TANGENT and HAS_TQ and HAS_TK and not MERGED_TS
+    HEAD_DIM: tl.constexpr = offs_d.shape[0]
+    q_cat = q
+    if MERGED_TS:
+        q_cat = _cat_cols(tq, q)  # once per program
+    k_desc, tk_desc, v_desc, tv_desc = K_BH, TK_BH, V_BH, TV_BH
+    if USE_TMA:  # one descriptor per (batch, head): a ragged tile never reads past this head's rows
+        k_desc = tl.make_tensor_descriptor(K_BH, [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(V_BH, [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+        tk_desc = tl.make_tensor_descriptor(TK_BH, [n_k, HEAD_DIM], [stride_tkn, 1], [BLOCK_N, HEAD_DIM])
+        tv_desc = tl.make_tensor_descriptor(TV_BH, [n_k, HEAD_DIM], [stride_tvn, 1], [BLOCK_N, HEAD_DIM])
+    if PIPELINE:
+        s, ts, ts2 = _tile_scores(q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta, 0,
+                                  offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, USE_TMA,
+                                  INPUT_PRECISION, BLOCK_N)
+        p_op = _pv_operand(tl.zeros_like(s), PV_DTYPE, ROUND_F16)
+        a_t = p_op
+        if MERGED_PV:
+            a_t = _cat_cols(p_op, p_op)
+        hi = tl.where(n_k > 0, n_k + BLOCK_N, 0)  # the fix-up pass's idle programs (n_k = 0) skip the loop
+        for start_n in range(0, hi, BLOCK_N):
+            acc_o, acc_t = _tile_products(
+                p_op, a_t, acc_o, acc_t, V_BH, TV_BH, v_desc, tv_desc, stride_vn, stride_tvn, tv_delta,
+                start_n - BLOCK_N, offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV, USE_TMA,
+                PV_DTYPE, ROUND_F16, INPUT_PRECISION, BLOCK_N)
+            s_next, ts_next, ts2_next = _tile_scores(
+                q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta, start_n + BLOCK_N,
+                offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, USE_TMA, INPUT_PRECISION, BLOCK_N)
+            p_op, a_t, acc_o, acc_t, m_i, l_i, mu_i = _tile_softmax(
+                s, ts, ts2, acc_o, acc_t, m_i, l_i, mu_i, start_n, n_k, qk_scale, sm_scale, HAS_TS, WANT_TANGENT,
+                FIXED_LSE, SPLIT_TS, MERGED_PV, PV_DTYPE, ROUND_F16, BLOCK_N)
+            s, ts, ts2 = s_next, ts_next, ts2_next
+    else:
+        for start_n in range(0, n_k, BLOCK_N):
+            s, ts, ts2 = _tile_scores(q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta,
+                                      start_n, offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, USE_TMA,
+                                      INPUT_PRECISION, BLOCK_N)
+            p_op, a_t, acc_o, acc_t, m_i, l_i, mu_i = _tile_softmax(
+                s, ts, ts2, acc_o, acc_t, m_i, l_i, mu_i, start_n, n_k, qk_scale, sm_scale, HAS_TS, WANT_TANGENT,
+                FIXED_LSE, SPLIT_TS, MERGED_PV, PV_DTYPE, ROUND_F16, BLOCK_N)
+            acc_o, acc_t = _tile_products(
+                p_op, a_t, acc_o, acc_t, V_BH, TV_BH, v_desc, tv_desc, stride_vn, stride_tvn, tv_delta, start_n,
+                offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV, USE_TMA, PV_DTYPE, ROUND_F16,
+                INPUT_PRECISION, BLOCK_N)
     return acc_o, acc_t, m_i, l_i, mu_i
 
 
@@ -106,12 +259,17 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     stride_tob, stride_toh, stride_ton,
     H, N_Q, N_K, sm_scale,
+    # Element offsets tK − K and tV − V (same strides), read only by the MERGE variant. Specialised like any int
+    # (÷16 or not, so the pair load stays vectorised); caching allocators align tensors, so it is ÷16 in practice.
+    tk_delta, tv_delta,
     N_Q_BUCKET, N_K_BUCKET,  # autotune key only (power-of-two buckets of the lengths)
+    MERGE_OK,  # autotune key only: 1 when tK, tV have the strides of K, V (MERGE candidates are pruned otherwise)
     HEAD_DIM: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     WRITE_O: tl.constexpr, WRITE_TO: tl.constexpr, WRITE_LSE: tl.constexpr, FIXED_LSE: tl.constexpr,
     PV_DTYPE: tl.constexpr, GUARD: tl.constexpr, ROUND_F16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PIPELINE: tl.constexpr = False, MERGE: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """One BLOCK_M block of query rows of one (batch, head): O, tO and/or LSE.
 
@@ -150,8 +308,9 @@ def _attn_fwd_kernel(
         acc_o, acc_t, m_i, l_i, mu_i, q, tq,
         K + b * stride_kb + h * stride_kh, TK + b * stride_tkb + h * stride_tkh,
         V + b * stride_vb + h * stride_vh, TV + b * stride_tvb + h * stride_tvh,
-        stride_kn, stride_tkn, stride_vn, stride_tvn, offs_d, n_k, qk_scale, sm_scale,
+        stride_kn, stride_tkn, stride_vn, stride_tvn, tk_delta, tv_delta, offs_d, n_k, qk_scale, sm_scale,
         HAS_TQ, HAS_TK, HAS_TV, WANT_TANGENT, FIXED_LSE, PV_DTYPE, ROUND_F16, INPUT_PRECISION, BLOCK_N,
+        PIPELINE, MERGE, USE_TMA,
     )
     if GUARD == 1:
         # An fp16 operand overflowed (|V|, |tV| or |P⊙tS| ≥ 65504) iff the row's accumulator is non-finite (inf·0 =

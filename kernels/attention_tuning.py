@@ -36,6 +36,12 @@ _CANDIDATES = {
     "dkdv": ((64, 64, 8, 3), (64, 64, 8, 2)),  # BLOCK_N is the matmuls' M here: ≥ 64 for wgmma
     "dq": ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)),
 }
+#: Loop-variant candidates per (mode, head dim), (BLOCK_M, BLOCK_N, num_warps, num_stages, variant): the ones the
+#: sm_90 compile report measured clean (no spill, shared memory within the limit, all HGMMA) under triton 3.6 and
+#: 3.9 *and* showing the overlap the variant exists for (a wgmma left in flight across the softmax, or fewer wgmma
+#: waits). Whether that overlap beats the plain loop is what the autotuner's timing decides on a GPU; the
+#: measurements and the rejected variants are in bench/results/attention_variants_sm90.md.
+_VARIANT_CANDIDATES: dict[tuple[str, int], tuple] = {}
 #: Head dim 256 (not a FLUX shape): per kernel, the one tile that fits Hopper's shared memory in every mode. Its
 #: accumulators exceed the register file (64×256 fp32 per warpgroup is 128 registers per thread, two of them with a
 #: tangent), so it runs correctly but spills; the compile report covers head dims 64 and 128 only.
@@ -43,6 +49,31 @@ _CANDIDATES_D256 = {"fwd": ((64, 32, 4, 2),), "dkdv": ((64, 64, 4, 2),), "dq": (
 #: The fix-up pass (rows whose fp16 operands overflowed, rare) is not autotuned: one config, spill-free in every
 #: mode at head dims ≤ 128, else the head-dim-256 tile.
 _FIXUP_CANDIDATES = ((128, 32, 8, 3),) + _CANDIDATES_D256["fwd"]
+
+
+#: Loop variants of the forward kernel (its constexpr switches, see :mod:`kernels.attention_forward_kernels`):
+#: "plain"; "pipeline", the next tile's S/tS wgmmas in flight across this tile's softmax; "merge", tS and the
+#: tangent accumulator as one dot each (K-dim 2·D and 2·BLOCK_N; needs tK, tV with the strides of K, V);
+#: "pipeline+merge".
+VARIANTS = {
+    "plain": {},
+    "pipeline": {"PIPELINE": True},
+    "merge": {"MERGE": True},
+    "pipeline+merge": {"PIPELINE": True, "MERGE": True},
+}
+
+
+def merge_applicable(k, v, tk, tv) -> bool:
+    """The MERGE variant loads a tensor and its tangent as one tile (an element offset apart): same strides."""
+    return all(t is None or t.stride() == base.stride() for base, t in ((k, tk), (v, tv)))
+
+
+def variant_flags(name: str, merge_ok: bool) -> dict:
+    """The constexpr flags of a variant; MERGE is dropped where the tangents' strides do not allow it."""
+    flags = dict(VARIANTS[name])
+    if not merge_ok:
+        flags.pop("MERGE", None)
+    return flags
 
 
 #: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100/H200; the limit the prune sizes for when there is no GPU (the
@@ -53,14 +84,29 @@ SM90_MAX_SMEM = 232448
 _SMEM_SLACK = 4096
 
 
-def make_config(bm: int, bn: int, warps: int, stages: int):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def make_config(bm: int, bn: int, warps: int, stages: int, variant: str = "plain"):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **VARIANTS[variant]}, num_warps=warps, num_stages=stages)
+
+
+def variant_of(config) -> str:
+    flags = {k: v for k, v in config.kwargs.items() if k not in ("BLOCK_M", "BLOCK_N")}
+    return next(name for name, f in VARIANTS.items() if f == flags)
+
+
+def config_key(config) -> tuple:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, variant)``."""
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, variant_of(config)
+
+
+def _all_candidates() -> list[tuple]:
+    plain = [(*c, "plain") for group in (*_CANDIDATES.values(), *_CANDIDATES_D256.values()) for c in group]
+    return list(dict.fromkeys(plain + [c for group in _VARIANT_CANDIDATES.values() for c in group]))
 
 
 def configs() -> list:
-    """Every candidate once (the autotuner's list; the prune picks a kernel's and mode's own)."""
-    groups = (*_CANDIDATES.values(), *_CANDIDATES_D256.values())
-    return [make_config(*c) for c in dict.fromkeys(c for group in groups for c in group)]
+    """Every candidate once (the autotuner's list; the prune picks a kernel's, mode's and head dim's own)."""
+    return [make_config(*c) for c in _all_candidates()]
 
 
 def _mode_of(kind: str, flags: dict) -> str:
@@ -72,8 +118,11 @@ def _mode_of(kind: str, flags: dict) -> str:
 
 
 def _candidates_for(kind: str, flags: dict, head_dim: int) -> set:
-    group = _CANDIDATES_D256[kind] if head_dim > 128 else _CANDIDATES[_mode_of(kind, flags)]
-    return {(bm, bn, w, st) for bm, bn, w, st in group}
+    mode = _mode_of(kind, flags)
+    group = _CANDIDATES_D256[kind] if head_dim > 128 else _CANDIDATES[mode]
+    return {(*c, "plain") for c in group} | set(_VARIANT_CANDIDATES.get((mode, head_dim), ()))
+
+
 
 
 def _smem_limit(device: torch.device) -> int:
@@ -101,7 +150,15 @@ def shared_memory_estimate(kind: str, config, head_dim: int, element_size: int, 
     streamed, s_rows, resident, r_rows = _operand_rows(kind, flags)
     kw = config.kwargs
     row_bytes = head_dim * element_size
-    return config.num_stages * streamed * kw[s_rows] * row_bytes + resident * kw[r_rows] * row_bytes + _SMEM_SLACK
+    if kind == "fwd" and kw.get("MERGE") and flags.get("WRITE_TO", False):
+        # [K | tK] and [V ; tV] are loaded as pairs: K again (it is still needed alone for S), V again with acc_o.
+        streamed += 1 + int(not flags.get("FIXED_LSE", False))
+    extra = 0
+    if kind == "fwd" and kw.get("PIPELINE"):
+        # P (and P⊙tS) cross the loop's back edge as wgmma A operands held in shared memory.
+        extra = (1 + int(flags.get("WRITE_TO", False))) * kw["BLOCK_M"] * kw["BLOCK_N"] * element_size
+    return (config.num_stages * streamed * kw[s_rows] * row_bytes + resident * kw[r_rows] * row_bytes + extra
+            + _SMEM_SLACK)
 
 
 def _wgmma_rows(kind: str, config) -> int:
@@ -123,11 +180,13 @@ def pruner(kind: str):
         head_dim, n_q, n_k = flags["HEAD_DIM"], named_args["N_Q_BUCKET"], named_args["N_K_BUCKET"]
         limit = _smem_limit(q.device)
         mine = _candidates_for(kind, flags, head_dim)
-        fitting = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in mine
+        merge_ok = bool(named_args.get("MERGE_OK", 0))  # in the autotune key: a MERGE winner is never reused
+        fitting = [c for c in configs if config_key(c) in mine and (merge_ok or not c.kwargs.get("MERGE"))
                    and _fits(kind, c, head_dim, q.element_size(), flags, limit)]
         kept = [c for c in fitting if c.kwargs["BLOCK_M"] <= max(64, n_q) and c.kwargs["BLOCK_N"] <= max(64, n_k)]
-        # Short sequences can rule out every tile by length; the smallest fitting one is then still the best.
-        return kept or sorted(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
+        # Short sequences can rule out every tile by length; the smallest fitting plain one is then still the best.
+        plain = [c for c in fitting if variant_of(c) == "plain"]
+        return kept or sorted(plain, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
 
     return keep
 
@@ -148,7 +207,7 @@ def check_fits(head_dim: int, q: torch.Tensor, fixed: bool, write_to: bool, has_
     interpreter runs one fixed config and has no shared-memory limit."""
     flags = {"WRITE_TO": write_to, "FIXED_LSE": fixed, "HAS_TQ": has_tq, "HAS_TK": has_tk, "HAS_TV": has_tv}
     limit = _smem_limit(q.device)
-    configs = [make_config(*c) for c in _candidates_for(kind, flags, head_dim)]
+    configs = [make_config(*c) for c in sorted(_candidates_for(kind, flags, head_dim))]
     if any(_fits(kind, c, head_dim, q.element_size(), flags, limit) for c in configs):
         return
     need = min(shared_memory_estimate(kind, c, head_dim, q.element_size(), flags) for c in configs)

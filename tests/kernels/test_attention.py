@@ -4,6 +4,7 @@ GPU-marked tests check bf16 parity at FLUX shapes and that new lengths do not re
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import kernels
+from kernels import attention_tuning as tuning
 from kernels import reference as ref
 from kernels.attention import AttentionFunction, AttentionJVPFunction
 from kernels.testing import ATTENTION_BF16_TANGENT_REL_ERROR, assert_parity
@@ -29,6 +31,16 @@ SHAPES = [
     (2, 1, 257, 100, 64),
 ]
 SLOW_SHAPES = [(1, 2, 1000, 1000, 128), (2, 1, 1000, 300, 64)]
+# The forward loop variants (tuning.VARIANTS) on two small ragged shapes: Nk within one tile, and 5 tiles with a
+# ragged last one (PIPELINE's look-ahead and flush trips, MERGE's pair loads past Nk).
+VARIANT_SHAPES = [(2, 2, 100, 37, 128), (1, 2, 37, 257, 32)]
+LOOP_VARIANTS = [name for name in tuning.VARIANTS if name != "plain"]
+_ATTENTION_MODULE = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
+
+
+def _use_variant(monkeypatch, name):
+    """The interpreter runs one fixed config; this picks its loop variant (GPU launches autotune over them)."""
+    monkeypatch.setattr(_ATTENTION_MODULE, "_INTERPRETER_VARIANT", name)
 
 
 def _qkv(b, h, nq, nk, d, device, dtype=FP32, layout="bnhd", scale=1.0):
@@ -106,6 +118,29 @@ def _check_backward(shape, device, layout):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_tangent(shape, layout, device, poisoned_empty):
     _check_forward(shape, device, layout)
+
+
+@pytest.mark.parametrize("variant", LOOP_VARIANTS)
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
+def test_loop_variants_forward_and_tangent(shape, variant, device, poisoned_empty, monkeypatch):
+    _use_variant(monkeypatch, variant)
+    _check_forward(shape, device, "bnhd" if shape[-1] == 128 else "sliced")
+
+
+def test_merge_variant_is_skipped_when_tangent_strides_differ(device, monkeypatch):
+    """MERGE loads K and tK (V and tV) as one tile an element offset apart: a tangent in another layout must fall
+    back to separate loads (and merged loads at those offsets would give a different answer)."""
+    q, k, v, tq, _, _ = _qkv(1, 2, 40, 70, 64, device)
+    tk, tv = torch.randn(1, 2, 70, 64, device=device), torch.randn(1, 2, 70, 64, device=device)  # contiguous
+    assert not tuning.merge_applicable(k, v, tk, tv) and tuning.merge_applicable(k, v, tk.transpose(1, 2)
+                                                                                   .contiguous().transpose(1, 2), None)
+    truth_o, truth_t = ref.attention_jvp(*f64(q, k, v, tq, tk, tv))
+    torch_o, torch_t = ref.attention_jvp(q, k, v, tq, tk, tv)
+    _use_variant(monkeypatch, "pipeline+merge")
+    o, to = kernels.attention_jvp(q, k, v, tq, tk, tv)
+    assert_parity(OP, "out", o, torch_o, truth_o)
+    assert_parity(OP, "tangent", to, torch_t, truth_t)
+    assert tuning.variant_flags("pipeline+merge", False) == {"PIPELINE": True}
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "sliced"])
@@ -221,9 +256,12 @@ def test_fp16_operand_overflow_falls_back_to_exact_operands(device):
     assert torch.isfinite(tangent_only).all()
 
 
-def test_fp16_overflow_recomputes_only_the_flagged_rows(device):
+@pytest.mark.parametrize("variant", ["plain", "pipeline+merge"])
+def test_fp16_overflow_recomputes_only_the_flagged_rows(variant, device, monkeypatch):
     """The guarded pass flags rows, the fix-up launch redoes only those: a huge tQ row (|P⊙tS| beyond fp16) gets the
-    exact-operand answer, every other row keeps the fp16-operand result bit for bit (tS of row i needs only tQ_i)."""
+    exact-operand answer, every other row keeps the fp16-operand result bit for bit (tS of row i needs only tQ_i).
+    Also run with a loop variant: its fix-up programs without a flagged row must skip the loop too."""
+    _use_variant(monkeypatch, variant)
     q, k, v, tq, tk, tv = _qkv(1, 1, 70, 90, 64, device)
     scale = 1 / math.sqrt(64)
     o_ref, to_ref, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, scale, True)
