@@ -126,7 +126,22 @@ def ttgir_stats(ttgir: str) -> dict:
         "wgmma_max_pendings": max(pend) if pend else None,
         "reduce_in_loop": reduce_in_loop,
         "tma_ops": len(re.findall(r"async_tma_copy|descriptor_load|tma_load", ttgir)),
+        "async_wgmma": _async_wgmma(ttgir),
     }
+
+
+def _async_wgmma(ttgir: str) -> int:
+    """Async wgmmas not followed by a ``pendings = 0`` wait on their result: still in flight while later work runs.
+    Triton can leave one in flight without any wait of pendings > 0 (its rule 3b: the result is threaded through
+    the next trip's ``pendings = 0`` wait), so ``wgmma_max_pendings`` alone misses that overlap."""
+    lines = ttgir.splitlines()
+    count = 0
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*(%[\w#]+) = ttng\.warp_group_dot .*isAsync = true", line)
+        wait = rf"warp_group_dot_wait {re.escape(m.group(1))}\b.*pendings = 0\b" if m else None
+        waited = m and i + 1 < len(lines) and re.search(wait, lines[i + 1])
+        count += bool(m) and not waited
+    return count
 
 
 def ptx_stats(ptx: str) -> dict:

@@ -25,17 +25,6 @@ def _pv_operand(x, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(BASE, desc, start_n, offs_n, stride_row, offs_d, mask_n, USE_TMA: tl.constexpr):
-    """A (BLOCK_N, HEAD_DIM) key/value tile: a TMA load (rows past the end zero-filled by the descriptor's bounds,
-    which are this (batch, head)'s own Nk rows) or a masked pointer load."""
-    if USE_TMA:
-        x = desc.load([start_n, 0])
-    else:
-        x = _load_rows(BASE, offs_n, stride_row, offs_d, mask_n)
-    return x
-
-
-@triton.jit
 def _load_pair(BASE, delta, offs_n, stride_row, offs_d, mask_n, ROWS_FIRST: tl.constexpr):
     """Two same-layout tensors' tiles in one load (``delta``: the element offset from the first to the second).
     ROWS_FIRST: (BLOCK_N, 2·D) = [X | Y] (the K-dim concatenation of tS's operand); else (2·BLOCK_N, D) = [X ; Y]."""
@@ -59,9 +48,9 @@ def _cat_cols(a, b):
 
 @triton.jit
 def _tile_scores(
-    q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta, start_n, offs_d, n_k,
+    q, tq, q_cat, K_BH, TK_BH, stride_kn, stride_tkn, tk_delta, start_n, offs_d, n_k,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, WANT_TS: tl.constexpr, MERGED_TS: tl.constexpr,
-    SPLIT_TS: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_TS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Raw (unscaled, unmasked) Q·Kᵀ and tS pieces of the key tile at ``start_n``: ``(s, ts, ts2)`` with
     tS = ts + ts2 when SPLIT_TS (tQ·Kᵀ and Q·tKᵀ as two independent dots), else ts2 unused. Nothing here reads a
@@ -70,7 +59,7 @@ def _tile_scores(
     ``dot(q, tk, ts)`` reads ts)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_k
-    k = _load_tile(K_BH, k_desc, start_n, offs_n, stride_kn, offs_d, mask_n, USE_TMA)
+    k = _load_rows(K_BH, offs_n, stride_kn, offs_d, mask_n)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     ts = s
     ts2 = s
@@ -80,14 +69,14 @@ def _tile_scores(
             ts = tl.dot(q_cat, tl.trans(k_cat), input_precision=INPUT_PRECISION)
         elif SPLIT_TS:
             ts = tl.dot(tq, tl.trans(k), input_precision=INPUT_PRECISION)
-            tk = _load_tile(TK_BH, tk_desc, start_n, offs_n, stride_tkn, offs_d, mask_n, USE_TMA)
+            tk = _load_rows(TK_BH, offs_n, stride_tkn, offs_d, mask_n)
             ts2 = tl.dot(q, tl.trans(tk), input_precision=INPUT_PRECISION)
         else:
             ts = tl.zeros_like(s)
             if HAS_TQ:
                 ts = tl.dot(tq, tl.trans(k), ts, input_precision=INPUT_PRECISION)
             if HAS_TK:
-                tk = _load_tile(TK_BH, tk_desc, start_n, offs_n, stride_tkn, offs_d, mask_n, USE_TMA)
+                tk = _load_rows(TK_BH, offs_n, stride_tkn, offs_d, mask_n)
                 ts = tl.dot(q, tl.trans(tk), ts, input_precision=INPUT_PRECISION)
     return s, ts, ts2
 
@@ -130,9 +119,9 @@ def _tile_softmax(
 
 @triton.jit
 def _tile_products(
-    p_op, a_t, acc_o, acc_t, V_BH, TV_BH, v_desc, tv_desc, stride_vn, stride_tvn, tv_delta, start_n, offs_d, n_k,
+    p_op, a_t, acc_o, acc_t, V_BH, TV_BH, stride_vn, stride_tvn, tv_delta, start_n, offs_d, n_k,
     HAS_TS: tl.constexpr, HAS_TV: tl.constexpr, WANT_TANGENT: tl.constexpr, FIXED_LSE: tl.constexpr,
-    MERGED_PV: tl.constexpr, USE_TMA: tl.constexpr, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr,
+    MERGED_PV: tl.constexpr, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """acc_o += P·V and acc_t += (P⊙tS)·V + P·tV for the value tile at ``start_n`` (rows outside [0, Nk) read 0)."""
@@ -140,7 +129,7 @@ def _tile_products(
     mask_n = (offs_n < n_k) & (offs_n >= 0)  # PIPELINE's first trip multiplies a zero P with the tile at −BLOCK_N
     NEED_V: tl.constexpr = (not FIXED_LSE) or (WANT_TANGENT and HAS_TS and not MERGED_PV)
     if NEED_V:
-        v = _pv_operand(_load_tile(V_BH, v_desc, start_n, offs_n, stride_vn, offs_d, mask_n, USE_TMA), PV_DTYPE,
+        v = _pv_operand(_load_rows(V_BH, offs_n, stride_vn, offs_d, mask_n), PV_DTYPE,
                         ROUND_F16)
         if not FIXED_LSE:
             acc_o = tl.dot(p_op, v, acc_o, input_precision=INPUT_PRECISION)
@@ -153,7 +142,7 @@ def _tile_products(
             if HAS_TS:
                 acc_t = tl.dot(a_t, v, acc_t, input_precision=INPUT_PRECISION)
             if HAS_TV:
-                tv = _pv_operand(_load_tile(TV_BH, tv_desc, start_n, offs_n, stride_tvn, offs_d, mask_n, USE_TMA),
+                tv = _pv_operand(_load_rows(TV_BH, offs_n, stride_tvn, offs_d, mask_n),
                                  PV_DTYPE, ROUND_F16)
                 acc_t = tl.dot(p_op, tv, acc_t, input_precision=INPUT_PRECISION)
     return acc_o, acc_t
@@ -168,7 +157,7 @@ def _attn_fwd_inner(
     offs_d, n_k, qk_scale, sm_scale,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, WANT_TANGENT: tl.constexpr,
     FIXED_LSE: tl.constexpr, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr, MERGE: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr, MERGE: tl.constexpr,
 ):
     """Stream all K/V tiles for one block of query rows; returns the updated accumulators and softmax state.
 
@@ -181,26 +170,19 @@ def _attn_fwd_inner(
     on the CUDA cores while those wgmmas are in flight (Triton's rule 3b: the scores are first read after the
     products' wait). One extra trip flushes the last tile's products; its softmax and look-ahead see fully masked
     tiles. Costs per program: two masked S (and tS) tiles and one zero-P product, no second copy of the loop body.
-    MERGE, USE_TMA: see the kernel's docstring.
+    MERGE: see the kernel's docstring.
     """
     HAS_TS: tl.constexpr = HAS_TQ or HAS_TK
     WANT_TS: tl.constexpr = WANT_TANGENT and HAS_TS
     MERGED_TS: tl.constexpr = MERGE and WANT_TANGENT and HAS_TQ and HAS_TK
     MERGED_PV: tl.constexpr = MERGE and WANT_TANGENT and HAS_TS and HAS_TV
     SPLIT_TS: tl.constexpr = PIPELINE and WANT_TANGENT and HAS_TQ and HAS_TK and not MERGED_TS
-    HEAD_DIM: tl.constexpr = offs_d.shape[0]
     q_cat = q
     if MERGED_TS:
         q_cat = _cat_cols(tq, q)  # once per program
-    k_desc, tk_desc, v_desc, tv_desc = K_BH, TK_BH, V_BH, TV_BH
-    if USE_TMA:  # one descriptor per (batch, head): a ragged tile never reads past this head's rows
-        k_desc = tl.make_tensor_descriptor(K_BH, [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(V_BH, [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
-        tk_desc = tl.make_tensor_descriptor(TK_BH, [n_k, HEAD_DIM], [stride_tkn, 1], [BLOCK_N, HEAD_DIM])
-        tv_desc = tl.make_tensor_descriptor(TV_BH, [n_k, HEAD_DIM], [stride_tvn, 1], [BLOCK_N, HEAD_DIM])
     if PIPELINE:
-        s, ts, ts2 = _tile_scores(q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta, 0,
-                                  offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, USE_TMA,
+        s, ts, ts2 = _tile_scores(q, tq, q_cat, K_BH, TK_BH, stride_kn, stride_tkn, tk_delta, 0,
+                                  offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS,
                                   INPUT_PRECISION, BLOCK_N)
         p_op = _pv_operand(tl.zeros_like(s), PV_DTYPE, ROUND_F16)
         a_t = p_op
@@ -209,27 +191,27 @@ def _attn_fwd_inner(
         hi = tl.where(n_k > 0, n_k + BLOCK_N, 0)  # the fix-up pass's idle programs (n_k = 0) skip the loop
         for start_n in range(0, hi, BLOCK_N):
             acc_o, acc_t = _tile_products(
-                p_op, a_t, acc_o, acc_t, V_BH, TV_BH, v_desc, tv_desc, stride_vn, stride_tvn, tv_delta,
-                start_n - BLOCK_N, offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV, USE_TMA,
+                p_op, a_t, acc_o, acc_t, V_BH, TV_BH, stride_vn, stride_tvn, tv_delta,
+                start_n - BLOCK_N, offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV,
                 PV_DTYPE, ROUND_F16, INPUT_PRECISION, BLOCK_N)
             s_next, ts_next, ts2_next = _tile_scores(
-                q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta, start_n + BLOCK_N,
-                offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, USE_TMA, INPUT_PRECISION, BLOCK_N)
+                q, tq, q_cat, K_BH, TK_BH, stride_kn, stride_tkn, tk_delta, start_n + BLOCK_N,
+                offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, INPUT_PRECISION, BLOCK_N)
             p_op, a_t, acc_o, acc_t, m_i, l_i, mu_i = _tile_softmax(
                 s, ts, ts2, acc_o, acc_t, m_i, l_i, mu_i, start_n, n_k, qk_scale, sm_scale, HAS_TS, WANT_TANGENT,
                 FIXED_LSE, SPLIT_TS, MERGED_PV, PV_DTYPE, ROUND_F16, BLOCK_N)
             s, ts, ts2 = s_next, ts_next, ts2_next
     else:
         for start_n in range(0, n_k, BLOCK_N):
-            s, ts, ts2 = _tile_scores(q, tq, q_cat, K_BH, TK_BH, k_desc, tk_desc, stride_kn, stride_tkn, tk_delta,
-                                      start_n, offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, USE_TMA,
+            s, ts, ts2 = _tile_scores(q, tq, q_cat, K_BH, TK_BH, stride_kn, stride_tkn, tk_delta,
+                                      start_n, offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS,
                                       INPUT_PRECISION, BLOCK_N)
             p_op, a_t, acc_o, acc_t, m_i, l_i, mu_i = _tile_softmax(
                 s, ts, ts2, acc_o, acc_t, m_i, l_i, mu_i, start_n, n_k, qk_scale, sm_scale, HAS_TS, WANT_TANGENT,
                 FIXED_LSE, SPLIT_TS, MERGED_PV, PV_DTYPE, ROUND_F16, BLOCK_N)
             acc_o, acc_t = _tile_products(
-                p_op, a_t, acc_o, acc_t, V_BH, TV_BH, v_desc, tv_desc, stride_vn, stride_tvn, tv_delta, start_n,
-                offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV, USE_TMA, PV_DTYPE, ROUND_F16,
+                p_op, a_t, acc_o, acc_t, V_BH, TV_BH, stride_vn, stride_tvn, tv_delta, start_n,
+                offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV, PV_DTYPE, ROUND_F16,
                 INPUT_PRECISION, BLOCK_N)
     return acc_o, acc_t, m_i, l_i, mu_i
 
@@ -269,12 +251,18 @@ def _attn_fwd_kernel(
     WRITE_O: tl.constexpr, WRITE_TO: tl.constexpr, WRITE_LSE: tl.constexpr, FIXED_LSE: tl.constexpr,
     PV_DTYPE: tl.constexpr, GUARD: tl.constexpr, ROUND_F16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PIPELINE: tl.constexpr = False, MERGE: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+    PIPELINE: tl.constexpr = False, MERGE: tl.constexpr = False,
 ):
     """One BLOCK_M block of query rows of one (batch, head): O, tO and/or LSE.
 
     Modes: primal (WRITE_O, WRITE_LSE), fused primal + tangent (all three writes), tangent only from the saved LSE
     and O (FIXED_LSE, WRITE_TO). Programs are ordered query-block-fastest so neighbours share a head's K/V in L2.
+
+    Loop variants (autotune candidates on GPUs, :data:`kernels.attention_tuning.VARIANTS`; every one computes the
+    same math): PIPELINE (see :func:`_attn_fwd_inner`); MERGE: tS = [tQ | Q]·[K | tK]ᵀ as one dot of K-dim 2·D and
+    the tangent accumulator as [P⊙tS | P]·[V ; tV], one dot of K-dim 2·BLOCK_N. The pairs are single 3-D loads at
+    ``tk_delta``/``tv_delta`` (so tK, tV must have the strides of K, V: the launcher's MERGE_OK); wgmma is K = 16 per
+    instruction, so HGMMA counts do not drop, only the dot/wait sites (6 → 4 fused, 5 → 3 tangent).
     """
     WANT_TANGENT: tl.constexpr = WRITE_TO
     b, h, start_m, bh = _tile_coords(N_Q, H, BLOCK_M)
@@ -310,7 +298,7 @@ def _attn_fwd_kernel(
         V + b * stride_vb + h * stride_vh, TV + b * stride_tvb + h * stride_tvh,
         stride_kn, stride_tkn, stride_vn, stride_tvn, tk_delta, tv_delta, offs_d, n_k, qk_scale, sm_scale,
         HAS_TQ, HAS_TK, HAS_TV, WANT_TANGENT, FIXED_LSE, PV_DTYPE, ROUND_F16, INPUT_PRECISION, BLOCK_N,
-        PIPELINE, MERGE, USE_TMA,
+        PIPELINE, MERGE,
     )
     if GUARD == 1:
         # An fp16 operand overflowed (|V|, |tV| or |P⊙tS| ≥ 65504) iff the row's accumulator is non-finite (inf·0 =

@@ -41,7 +41,13 @@ _CANDIDATES = {
 #: 3.9 *and* showing the overlap the variant exists for (a wgmma left in flight across the softmax, or fewer wgmma
 #: waits). Whether that overlap beats the plain loop is what the autotuner's timing decides on a GPU; the
 #: measurements and the rejected variants are in bench/results/attention_variants_sm90.md.
-_VARIANT_CANDIDATES: dict[tuple[str, int], tuple] = {}
+_VARIANT_CANDIDATES: dict[tuple[str, int], tuple] = {
+    ("primal", 128): ((128, 64, 8, 2, "pipeline"),),
+    ("primal", 64): ((128, 64, 8, 2, "pipeline"),),
+    ("fused", 64): ((64, 32, 8, 2, "pipeline"), (128, 32, 8, 2, "merge")),  # none at 128: every variant spills
+    ("tangent", 128): ((128, 16, 8, 3, "pipeline"), (128, 32, 8, 3, "merge")),
+    ("tangent", 64): ((128, 32, 8, 3, "pipeline"), (128, 32, 8, 3, "merge")),
+}
 #: Head dim 256 (not a FLUX shape): per kernel, the one tile that fits Hopper's shared memory in every mode. Its
 #: accumulators exceed the register file (64×256 fp32 per warpgroup is 128 registers per thread, two of them with a
 #: tangent), so it runs correctly but spills; the compile report covers head dims 64 and 128 only.
@@ -150,13 +156,16 @@ def shared_memory_estimate(kind: str, config, head_dim: int, element_size: int, 
     streamed, s_rows, resident, r_rows = _operand_rows(kind, flags)
     kw = config.kwargs
     row_bytes = head_dim * element_size
-    if kind == "fwd" and kw.get("MERGE") and flags.get("WRITE_TO", False):
-        # [K | tK] and [V ; tV] are loaded as pairs: K again (it is still needed alone for S), V again with acc_o.
-        streamed += 1 + int(not flags.get("FIXED_LSE", False))
+    tangent = kind == "fwd" and flags.get("WRITE_TO", False)
+    if kind == "fwd" and kw.get("MERGE") and tangent:
+        # [K | tK] and [V ; tV] are loaded as pairs next to the single tiles (K is still needed alone for S, V for
+        # acc_o): measured 2 more (rows, D) buffers per stage from the tangent kernel, 3 from the fused one.
+        streamed += 2 + int(not flags.get("FIXED_LSE", False))
     extra = 0
     if kind == "fwd" and kw.get("PIPELINE"):
-        # P (and P⊙tS) cross the loop's back edge as wgmma A operands held in shared memory.
-        extra = (1 + int(flags.get("WRITE_TO", False))) * kw["BLOCK_M"] * kw["BLOCK_N"] * element_size
+        # P (and P⊙tS) cross the loop's back edge as wgmma A operands held in shared memory, and V (and tV) get a
+        # staging buffer: the measured growth is within these tiles.
+        extra = (1 + int(tangent)) * (kw["BLOCK_M"] * kw["BLOCK_N"] + kw["BLOCK_N"] * head_dim) * element_size
     return (config.num_stages * streamed * kw[s_rows] * row_bytes + resident * kw[r_rows] * row_bytes + extra
             + _SMEM_SLACK)
 

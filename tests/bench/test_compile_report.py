@@ -145,3 +145,16 @@ def test_real_sm90_compile_end_to_end(tmp_path):
     # A second run is served from the result cache (keyed by the kernels' source hash), compiling nothing.
     proc = subprocess.run(proc.args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and json.loads(out.read_text())["cached"] == 3
+
+
+def test_async_wgmma_counts_dots_left_in_flight_not_those_waited_right_after():
+    """The attention PIPELINE variant's S wgmma: issued, not waited, read after the next trip's pendings = 0 wait."""
+    ttgir = """
+      %s = ttng.warp_group_dot %q, %k, %z {inputPrecision = 0 : i32, isAsync = true} : tensor<64x64xf32>
+      %p = math.exp2 %prev : tensor<64x64xf32>
+      %o = ttng.warp_group_dot %p, %v, %acc {inputPrecision = 0 : i32, isAsync = true} : tensor<64x64xf32>
+      %o_1:2 = ttng.warp_group_dot_wait %o, %v {pendings = 0 : i32} : tensor<64x64xf32>
+      %x = ttng.warp_group_dot %q, %k, %z {inputPrecision = 0 : i32} : tensor<64x64xf32>
+    """
+    assert cr.ttgir_stats(ttgir)["async_wgmma"] == 1
+    assert cr.ttgir_stats(TTGIR)["async_wgmma"] == 1  # its wait keeps 1 pending: the dot itself stays in flight

@@ -19,13 +19,19 @@ FWD_MODES = {
 
 
 def _keep(kind, mode_flags, head_dim, n=FLUX_N, q=BF16):
-    named = {"Q": q, "N_Q_BUCKET": n, "N_K_BUCKET": n}
+    named = {"Q": q, "N_Q_BUCKET": n, "N_K_BUCKET": n, "MERGE_OK": 1}
     flags = dict(mode_flags, HEAD_DIM=head_dim, HAS_TQ=True, HAS_TK=True, HAS_TV=True)
     return tuning.pruner(kind)(tuning.configs(), named, **flags)
 
 
 def _key(c):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _own(mode, head_dim):
+    """A mode's plain candidates plus its head dim's loop-variant candidates, as config_key tuples."""
+    return {(*c, "plain") for c in tuning._CANDIDATES[mode]} | set(tuning._VARIANT_CANDIDATES.get((mode, head_dim),
+                                                                                                   ()))
 
 
 CASES = [("fwd", m, f) for m, f in FWD_MODES.items()] + [("dkdv", "dkdv", {}), ("dq", "dq", {})]
@@ -35,7 +41,7 @@ CASES = [("fwd", m, f) for m, f in FWD_MODES.items()] + [("dkdv", "dkdv", {}), (
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kept_candidates_are_the_modes_own_fit_and_are_wgmma_sized(kind, mode, flags, head_dim):
     kept = _keep(kind, flags, head_dim)
-    assert kept and {_key(c) for c in kept} == set(tuning._CANDIDATES[mode])
+    assert kept and {tuning.config_key(c) for c in kept} == _own(mode, head_dim)
     for c in kept:
         smem = tuning.shared_memory_estimate(kind, c, head_dim, 2, dict(flags, HAS_TQ=True, HAS_TK=True, HAS_TV=True))
         assert smem <= tuning.SM90_MAX_SMEM
@@ -101,8 +107,59 @@ def test_fixup_tile_is_the_spill_free_one_and_falls_back_for_head_dim_256():
 
 
 def test_every_candidate_is_in_the_autotuners_list_once():
-    keys = [_key(c) for c in tuning.configs()]
+    keys = [tuning.config_key(c) for c in tuning.configs()]
     assert len(keys) == len(set(keys))
-    listed = {c for group in tuning._CANDIDATES.values() for c in group}
-    listed |= {c for group in tuning._CANDIDATES_D256.values() for c in group}
+    listed = {(*c, "plain") for group in tuning._CANDIDATES.values() for c in group}
+    listed |= {(*c, "plain") for group in tuning._CANDIDATES_D256.values() for c in group}
+    listed |= {c for group in tuning._VARIANT_CANDIDATES.values() for c in group}
     assert set(keys) == listed
+
+
+def test_variant_candidates_are_known_switches_of_a_measured_head_dim():
+    for (mode, head_dim), group in tuning._VARIANT_CANDIDATES.items():
+        assert mode in FWD_MODES and head_dim in (64, 128)
+        for *_, variant in group:
+            assert variant in tuning.VARIANTS and variant != "plain"
+        # At most two variants per mode and head dim: each costs a compile when the GPU autotunes.
+        assert len(group) <= 2
+
+
+@pytest.mark.parametrize("merge_ok", [True, False])
+def test_merge_candidates_need_same_stride_tangents_and_that_is_in_the_autotune_key(merge_ok):
+    """MERGE loads a tensor and its tangent as one tile: with other strides its candidates are pruned, and MERGE_OK
+    is part of the autotune key (a MERGE winner is never reused for a call whose tangents cannot merge)."""
+    from kernels.attention import _FWD_MODE_KEY
+
+    assert "MERGE_OK" in _FWD_MODE_KEY
+    named = {"Q": BF16, "N_Q_BUCKET": FLUX_N, "N_K_BUCKET": FLUX_N, "MERGE_OK": int(merge_ok)}
+    flags = dict(FWD_MODES["tangent"], HEAD_DIM=64, HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    kept = {tuning.variant_of(c) for c in tuning.pruner("fwd")(tuning.configs(), named, **flags)}
+    assert ("merge" in kept) == merge_ok and "pipeline" in kept and "plain" in kept
+
+
+def test_variant_flags_follow_the_switches():
+    assert tuning.variant_flags("plain", True) == {}
+    assert tuning.variant_flags("pipeline+merge", True) == {"PIPELINE": True, "MERGE": True}
+    assert tuning.variant_flags("merge", False) == {}
+    cfg = tuning.make_config(128, 32, 8, 3, "pipeline")
+    assert cfg.kwargs == {"BLOCK_M": 128, "BLOCK_N": 32, "PIPELINE": True} and tuning.variant_of(cfg) == "pipeline"
+
+
+# (mode, config, head dim) -> metadata.shared of loop variants (sm_90, triton 3.9, bf16): the estimate must bound it.
+MEASURED_SMEM_VARIANTS = [
+    ("primal", (128, 64, 8, 2, "pipeline"), 128, 131072),
+    ("primal", (128, 64, 8, 2, "pipeline"), 64, 73728),
+    ("fused", (64, 32, 8, 2, "pipeline"), 64, 69632),
+    ("fused", (128, 32, 8, 2, "merge"), 64, 86016),
+    ("tangent", (128, 16, 8, 3, "pipeline"), 128, 126976),
+    ("tangent", (128, 32, 8, 3, "merge"), 128, 204800),
+    ("tangent", (128, 32, 8, 3, "pipeline"), 64, 102400),
+    ("tangent", (128, 32, 8, 3, "merge"), 64, 102400),
+]
+
+
+@pytest.mark.parametrize("mode, cfg, head_dim, measured", MEASURED_SMEM_VARIANTS)
+def test_shared_memory_estimate_bounds_the_variants_allocation(mode, cfg, head_dim, measured):
+    flags = dict(FWD_MODES[mode], HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    estimate = tuning.shared_memory_estimate("fwd", tuning.make_config(*cfg), head_dim, 2, flags)
+    assert measured <= estimate <= measured + 3 * tuning._SMEM_SLACK
