@@ -122,11 +122,13 @@ def _tile_products(
     p_op, a_t, acc_o, acc_t, V_BH, TV_BH, stride_vn, stride_tvn, tv_delta, start_n, offs_d, n_k,
     HAS_TS: tl.constexpr, HAS_TV: tl.constexpr, WANT_TANGENT: tl.constexpr, FIXED_LSE: tl.constexpr,
     MERGED_PV: tl.constexpr, PV_DTYPE: tl.constexpr, ROUND_F16: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, FROM_BEHIND: tl.constexpr,
 ):
     """acc_o += P·V and acc_t += (P⊙tS)·V + P·tV for the value tile at ``start_n`` (rows outside [0, Nk) read 0)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < n_k) & (offs_n >= 0)  # PIPELINE's first trip multiplies a zero P with the tile at −BLOCK_N
+    mask_n = offs_n < n_k
+    if FROM_BEHIND:  # PIPELINE's first trip multiplies a zero P with the tile at −BLOCK_N: read nothing there
+        mask_n = mask_n & (offs_n >= 0)
     NEED_V: tl.constexpr = (not FIXED_LSE) or (WANT_TANGENT and HAS_TS and not MERGED_PV)
     if NEED_V:
         v = _pv_operand(_load_rows(V_BH, offs_n, stride_vn, offs_d, mask_n), PV_DTYPE,
@@ -193,7 +195,7 @@ def _attn_fwd_inner(
             acc_o, acc_t = _tile_products(
                 p_op, a_t, acc_o, acc_t, V_BH, TV_BH, stride_vn, stride_tvn, tv_delta,
                 start_n - BLOCK_N, offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV,
-                PV_DTYPE, ROUND_F16, INPUT_PRECISION, BLOCK_N)
+                PV_DTYPE, ROUND_F16, INPUT_PRECISION, BLOCK_N, True)
             s_next, ts_next, ts2_next = _tile_scores(
                 q, tq, q_cat, K_BH, TK_BH, stride_kn, stride_tkn, tk_delta, start_n + BLOCK_N,
                 offs_d, n_k, HAS_TQ, HAS_TK, WANT_TS, MERGED_TS, SPLIT_TS, INPUT_PRECISION, BLOCK_N)
@@ -212,7 +214,7 @@ def _attn_fwd_inner(
             acc_o, acc_t = _tile_products(
                 p_op, a_t, acc_o, acc_t, V_BH, TV_BH, stride_vn, stride_tvn, tv_delta, start_n,
                 offs_d, n_k, HAS_TS, HAS_TV, WANT_TANGENT, FIXED_LSE, MERGED_PV, PV_DTYPE, ROUND_F16,
-                INPUT_PRECISION, BLOCK_N)
+                INPUT_PRECISION, BLOCK_N, False)
     return acc_o, acc_t, m_i, l_i, mu_i
 
 
