@@ -45,7 +45,10 @@ gradients take their input's layout, ``lse`` is (B, H, Nq) fp32. B, H, Nq and Nk
 is (head dim, dtype, power-of-two buckets of Nq and Nk) and lengths are not specialised, so a new batch size or
 resolution never recompiles. Nq ≠ Nk is supported; no masks, no GQA, no dropout.
 
-Tuning: :mod:`kernels.attention_tuning` (per-mode candidates measured spill-free by ``bench/compile_report.py``).
+Tuning: :mod:`kernels.attention_tuning` (per-mode candidates measured spill-free by ``bench/compile_report.py``),
+including forward loop variants (software-pipelined S wgmmas; merged tS / tangent-accumulator dots) as extra
+candidates where they compiled clean: on a GPU the autotuner's timing picks, under the interpreter
+``_INTERPRETER_VARIANT`` does (tests). Measurements: ``bench/results/attention_variants_sm90.md``.
 
 Limits: head dim 32, 64, 128 or 256 (256 only where the GPU's shared memory fits the tiles, else a clear error; on
 Hopper it fits but spills registers);

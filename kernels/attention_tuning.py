@@ -44,7 +44,8 @@ _CANDIDATES = {
 _VARIANT_CANDIDATES: dict[tuple[str, int], tuple] = {
     ("primal", 128): ((128, 64, 8, 2, "pipeline"),),
     ("primal", 64): ((128, 64, 8, 2, "pipeline"),),
-    ("fused", 64): ((64, 32, 8, 2, "pipeline"), (128, 32, 8, 2, "merge")),  # none at 128: every variant spills
+    ("fused", 128): ((64, 32, 8, 2, "merge"),),  # every PIPELINE tile spills at 128 (both accumulators + P, tS)
+    ("fused", 64): ((64, 32, 8, 2, "pipeline"), (128, 32, 8, 2, "merge")),
     ("tangent", 128): ((128, 16, 8, 3, "pipeline"), (128, 32, 8, 3, "merge")),
     ("tangent", 64): ((128, 32, 8, 3, "pipeline"), (128, 32, 8, 3, "merge")),
 }

@@ -80,8 +80,14 @@ def test_the_configs_that_overflowed_shared_memory_are_pruned():
 
 
 def test_short_sequences_keep_the_smallest_fitting_candidate():
-    kept = _keep("fwd", FWD_MODES["fused"], 128, n=16)  # every fused candidate is 128 rows: longer than 16
-    assert len(kept) == 1 and _key(kept[0]) in tuning._CANDIDATES["fused"]
+    # The only 64-row fused candidate at head dim 128 is a MERGE variant; without it (tangents in other layouts)
+    # every candidate is 128 rows, longer than 16, and the smallest plain one is kept.
+    kept = _keep("fwd", FWD_MODES["fused"], 128, n=16)
+    assert [tuning.config_key(c) for c in kept] == [(64, 32, 8, 2, "merge")]
+    named = {"Q": BF16, "N_Q_BUCKET": 16, "N_K_BUCKET": 16, "MERGE_OK": 0}
+    flags = dict(FWD_MODES["fused"], HEAD_DIM=128, HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    kept = tuning.pruner("fwd")(tuning.configs(), named, **flags)
+    assert len(kept) == 1 and _key(kept[0]) in tuning._CANDIDATES["fused"] and tuning.variant_of(kept[0]) == "plain"
     kept = _keep("fwd", FWD_MODES["primal"], 64, n=16)
     assert [_key(c) for c in kept] == [(64, 32, 4, 3)]
 
@@ -149,6 +155,7 @@ def test_variant_flags_follow_the_switches():
 MEASURED_SMEM_VARIANTS = [
     ("primal", (128, 64, 8, 2, "pipeline"), 128, 131072),
     ("primal", (128, 64, 8, 2, "pipeline"), 64, 73728),
+    ("fused", (64, 32, 8, 2, "merge"), 128, 122880),
     ("fused", (64, 32, 8, 2, "pipeline"), 64, 69632),
     ("fused", (128, 32, 8, 2, "merge"), 64, 86016),
     ("tangent", (128, 16, 8, 3, "pipeline"), 128, 126976),
@@ -162,4 +169,5 @@ MEASURED_SMEM_VARIANTS = [
 def test_shared_memory_estimate_bounds_the_variants_allocation(mode, cfg, head_dim, measured):
     flags = dict(FWD_MODES[mode], HAS_TQ=True, HAS_TK=True, HAS_TV=True)
     estimate = tuning.shared_memory_estimate("fwd", tuning.make_config(*cfg), head_dim, 2, flags)
-    assert measured <= estimate <= measured + 3 * tuning._SMEM_SLACK
+    # Never below what the compiler allocated; at most 25 % above it, so the prune does not discard a fitting tile.
+    assert measured <= estimate <= measured * 5 // 4 + tuning._SMEM_SLACK
