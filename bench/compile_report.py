@@ -458,7 +458,8 @@ def _mode(name: str, flags: dict) -> str:
 def _config(flags: dict, job: dict) -> str:
     tiles = [f"{short}{flags[k]}" for k, short in (("BLOCK_M", "BM"), ("BLOCK_N", "BN"), ("BLOCK_ROWS", "R"),
                                                   ("BLOCK_D", "D")) if k in flags]
-    return " ".join(tiles + [f"w{job['num_warps']}s{job['num_stages']}"])
+    variant = "".join(tag for k, tag in (("PIPELINE", "+P"), ("MERGE", "+M")) if flags.get(k) is True)  # attention
+    return " ".join(tiles + [f"w{job['num_warps']}s{job['num_stages']}"]) + (f" {variant}" if variant else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------

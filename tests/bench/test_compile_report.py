@@ -158,3 +158,10 @@ def test_async_wgmma_counts_dots_left_in_flight_not_those_waited_right_after():
     """
     assert cr.ttgir_stats(ttgir)["async_wgmma"] == 1
     assert cr.ttgir_stats(TTGIR)["async_wgmma"] == 1  # its wait keeps 1 pending: the dot itself stays in flight
+
+
+def test_config_names_the_attention_loop_variant():
+    job = {"num_warps": 8, "num_stages": 3}
+    assert cr._config({"BLOCK_M": 128, "BLOCK_N": 32}, job) == "BM128 BN32 w8s3"
+    assert cr._config({"BLOCK_M": 128, "BLOCK_N": 32, "PIPELINE": True, "MERGE": True}, job) == "BM128 BN32 w8s3 +P+M"
+    assert cr._config({"BLOCK_M": 128, "BLOCK_N": 32, "PIPELINE": False}, job) == "BM128 BN32 w8s3"
