@@ -49,3 +49,29 @@ def test_plot_writes_a_png_from_the_json(tmp_path):
     png = tmp_path / "check.png"
     assert plot.main([str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_headline_derives_issue_12s_attention_figures_from_the_rows():
+    shape = [1, 32, 8192, 64]
+
+    def row(mode, provider, ms, **extra):
+        return {"op": "attention", "shape": shape, "mode": mode, "provider": provider, "p50_ms": ms, **extra}
+
+    timings = [row("fwd+jvp", "ours", 2.0, tflops=550.0), row("fwd+jvp", "ours (torch.func.jvp)", 2.5),
+               row("fwd+jvp", "math sdpa (torch.func.jvp)", 80.0), row("fwd", "ours", 1.0),
+               row("fwd+bwd", "ours", 4.0), row("fwd", "sdpa", 0.5), row("fwd+bwd", "sdpa", 2.9)]
+    parity = [{"op": "attention", "shape": shape, "quantity": "tangent ‖err‖/‖fp32‖", "kernel_error": 1.6e-3,
+               "bound": 1.7e-3}]
+    table = {figure: (value, target) for figure, value, target in gpu_check._headline(timings, [], None, parity)}
+    assert table[f"attention_jvp {shape}"] == ("550 TFLOP/s, 40x math SDPA under torch.func.jvp",
+                                                "≥ 550 TFLOP/s, ≥ 30x")
+    assert table[f"attention torch.func.jvp / fused {shape}"] == ("80% of the fused kernel's speed", "≥ 85%")
+    assert table[f"attention backward vs SDPA's {shape}"] == ("0.80x SDPA's speed", "≥ 0.8x")  # 2.4 ms vs 3.0 ms
+    assert table[f"attention tangent error {shape}"] == ("0.0016", "≤ 0.0017")
+
+
+def test_autotune_choices_lists_only_tuned_kernels_that_ran():
+    choices = gpu_check.autotune_choices()
+    assert isinstance(choices, dict)
+    if not torch.cuda.is_available():  # the interpreter never autotunes
+        assert choices == {}
