@@ -289,11 +289,11 @@ def flux_scenarios(head_dims=(128, 64)):
                          lambda g: (e(B, H, N, 128, grad=g), e(N, 128, dtype=f32), e(N, 128, dtype=f32)),
                          lambda: (e(B, H, N, 128),), (B, H, N, 128))
     # FLUX's RMSNorms: the qk-norm rows (D = 128) and hidden-width rows (D = 3072); 12288 (the MLP width) is the
-    # widest row the norms fuse (three register chunks of 4096).
+    # widest row rms_norm fuses (three register chunks of 4096; layer_norm_modulate stops at 8192).
     for d, shape in ((128, (B, H, N, 128)), (3072, (B, N, 3072)), (12288, (B, N, 12288))):
         out += _op_scenarios(f"rms_norm_d{d}", kernels.rms_norm, kernels.rms_norm_jvp,
                              lambda g, d=d, s=shape: (e(*s, grad=g), e(d, grad=g)), lambda s=shape: (e(*s),), shape)
-    for d in (3072, 128, 12288):
+    for d in (3072, 128):
         def lnm(grad, d=d):  # scale/shift: chunks of the AdaLN linear output (B, 6·D), row stride 6·D
             emb = e(B, 6 * d, grad=grad)
             return e(B, N, d, grad=grad), emb[:, d:2 * d], emb[:, :d]

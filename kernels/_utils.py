@@ -13,9 +13,9 @@ from kernels._runtime import tl, triton
 __all__ = [
     "MAX_FUSED_D",
     "MAX_CHUNKS",
+    "MAX_FUSED_D_CHUNKED",
     "MAX_PER_THREAD",
     "MAX_ROWS",
-    "MAX_UNCHUNKED_D",
     "RowLayout",
     "RowTile",
     "accumulator_dtype",
@@ -29,13 +29,14 @@ __all__ = [
     "shared_row_layout",
 ]
 
-#: Widest row a fused row kernel (norms, RoPE) holds in registers: one program owns whole rows, so the statistics of
-#: a row need no second pass over memory. 12288 (FLUX's MLP width) is 3 chunks of 4096: 24 fp32 values per thread
-#: per tensor at 16 warps, as many as D = 3072 at 4 warps, which the sm_90 compile report shows without spills.
-MAX_FUSED_D = 12288
-#: The limit for a row kernel without chunks (qk_norm_rope): one block of 8192 lanes is 16 values per thread at 16
-#: warps; 16384 lanes would be 32.
-MAX_UNCHUNKED_D = 8192
+#: Widest row a fused row kernel (norms, RoPE) holds in registers by default: one program owns whole rows, so the
+#: statistics of a row need no second pass over memory. 8192 fp32 values is 16 per thread at 16 warps.
+MAX_FUSED_D = 8192
+#: The limit for a kernel that opts in (rms_norm): 12288 (FLUX's MLP width) is 3 chunks of 4096, 24 fp32 values per
+#: thread per row tensor at 16 warps. At 16 warps a thread has at most 128 registers: the sm_90 compile report shows
+#: rms_norm's backward (two row tensors and a partial) within them, layer_norm_modulate's (two more partials)
+#: spilling, so that op keeps :data:`MAX_FUSED_D`.
+MAX_FUSED_D_CHUNKED = 12288
 #: Elements of one row tile per thread that :func:`row_tile` allows when it trades warps for load width.
 MAX_PER_THREAD = 24
 
@@ -92,7 +93,7 @@ def _chunking(n_cols: int, max_chunks: int) -> tuple[int, int]:
     return best
 
 
-def row_tile(n_cols: int, op: str, max_elements: int = 4096, max_chunks: int = 1) -> RowTile:
+def row_tile(n_cols: int, op: str, max_elements: int = 4096, max_chunks: int = 1, max_d: int = MAX_FUSED_D) -> RowTile:
     """The :class:`RowTile` of a kernel that keeps whole rows of ``n_cols`` in registers.
 
     ``tl.arange`` needs power-of-two sizes, so a row is held as ``CHUNKS`` tensors of ``BLOCK_D`` lanes (a Triton
@@ -104,12 +105,13 @@ def row_tile(n_cols: int, op: str, max_elements: int = 4096, max_chunks: int = 1
     at most 16 elements per thread, halved while a chunk has fewer than 8 per thread and the whole tile stays within
     :data:`MAX_PER_THREAD` per thread (why: 8 bf16 lanes make one 128-bit load; Triton's coalescing narrows the
     vector when a chunk has fewer elements per thread). Only ``n_cols`` shapes the tile, so row counts never trigger
-    a recompile. Raises ``RuntimeError`` above :data:`MAX_FUSED_D` (:data:`MAX_UNCHUNKED_D` without chunks).
+    a recompile. Raises ``RuntimeError`` above ``max_d`` (at most :data:`MAX_FUSED_D_CHUNKED`, and only with chunks
+    above :data:`MAX_FUSED_D`: one block of 16384 lanes would be 32 values per thread).
     """
-    limit = MAX_FUSED_D if max_chunks > 1 else MAX_UNCHUNKED_D
-    if n_cols > limit:
+    assert max_d <= (MAX_FUSED_D_CHUNKED if max_chunks > 1 else MAX_FUSED_D)
+    if n_cols > max_d:
         raise RuntimeError(
-            f"{op}: the last dim D = {n_cols} exceeds the fused limit of {limit} (a row must fit in one "
+            f"{op}: the last dim D = {n_cols} exceeds the fused limit of {max_d} (a row must fit in one "
             f"program's registers); use the reference `kernels.reference` for wider rows"
         )
     block_d, chunks = _chunking(n_cols, max_chunks)

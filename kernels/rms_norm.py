@@ -45,6 +45,7 @@ from kernels._custom_ops import grad_or_placeholder, kernel_op
 from kernels._runtime import check_launchable, tl, triton
 from kernels._utils import (
     MAX_CHUNKS,
+    MAX_FUSED_D_CHUNKED,
     accumulator_dtype,
     check_row_count,
     load_chunks,
@@ -254,7 +255,7 @@ def _launch_fwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     check_launchable("rms_norm", _rms_norm_fwd_kernel, x.device)
     d = x.shape[-1]
-    block_rows, block_d, chunks, num_warps = row_tile(d, "rms_norm", max_chunks=MAX_CHUNKS)
+    block_rows, block_d, chunks, num_warps = row_tile(d, "rms_norm", max_chunks=MAX_CHUNKS, max_d=MAX_FUSED_D_CHUNKED)
     out_dtype = rms_output_dtype(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device) if write_primal else None
     ty = torch.empty(x.shape, dtype=out_dtype, device=x.device) if write_tangent else None
@@ -330,7 +331,9 @@ def _rms_norm_bwd(
     """``(dx, dweight)``; a gradient that is not needed comes back as an empty (0,) tensor (ops cannot return None)."""
     check_launchable("rms_norm backward", _rms_norm_bwd_kernel, x.device)
     d = x.shape[-1]
-    block_rows, block_d, chunks, num_warps = row_tile(d, "rms_norm backward", max_chunks=MAX_CHUNKS)
+    block_rows, block_d, chunks, num_warps = row_tile(
+        d, "rms_norm backward", max_chunks=MAX_CHUNKS, max_d=MAX_FUSED_D_CHUNKED
+    )
     dx, dweight = _fake_bwd(grad_out, x, weight, eps, need_dx, need_dweight)
     if x.numel() == 0 or not (need_dx or need_dweight):
         return dx, dweight.zero_()

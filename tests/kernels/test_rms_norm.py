@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as fwAD
 
 import kernels
 from kernels import reference as ref
-from kernels._utils import MAX_FUSED_D
+from kernels._utils import MAX_FUSED_D_CHUNKED as MAX_FUSED_D
 from kernels.testing import assert_parity
 from tests.helpers import LAYOUTS, f64, leaves, make
 
