@@ -31,15 +31,15 @@ Launchers are ``torch.library`` custom ops so that Triton never sees functorch w
 
 Limits and tiling: D ≤ 8192 (:data:`kernels._utils.MAX_FUSED_D`; wider rows raise ``RuntimeError``: at 12288 the
 backward's four row tensors (g, x and the dscale/dshift partials) spill past the 128 registers a thread has at 16
-warps: 32 B of stack, 8 spill stores, 14 reloads in the sm_90 compile report under triton 3.9). :func:`kernels._utils.row_tile` holds a row as ``CHUNKS``
-register tiles of ``BLOCK_D`` power-of-two lanes, the fewest that cover D: FLUX's D = 3072 is 3 × 1024 lanes on 4
-warps (24 values per thread per row tensor, no masked lane; one block of 4096 lanes masked a quarter of them), D =
-128 one chunk in a 32-row tile. sm_90 compile report (project CPU machine, no GPU; triton 3.9 / 3.6) at D = 3072:
-no spills, 103 / 110 registers for the forward with tangent, 168 / 163 for the backward, 128-bit loads. Any strides
-for every input (no copies); outputs are row-major. The backward recomputes μ, σ from x (read anyway) instead of
-saving them, and reduces dscale/dshift deterministically (2-D per-program partials summed over rows once after the
-loop, then one ordered sum). Verified on the CPU interpreter in fp32/fp64; fp16/bf16 parity is GPU-only (``pytest
--m gpu``).
+warps: 32 B of stack, 8 spill stores, 14 reloads in the sm_90 compile report under triton 3.9).
+:func:`kernels._utils.row_tile` holds a row as ``CHUNKS`` register tiles of ``BLOCK_D`` power-of-two lanes, the
+fewest that cover D: FLUX's D = 3072 is 3 × 1024 lanes on 4 warps (24 values per thread per row tensor, no masked
+lane; one block of 4096 lanes masked a quarter of them), D = 128 one chunk in a 32-row tile. sm_90 compile report
+(project CPU machine, no GPU; triton 3.9 / 3.6) at D = 3072: no spills, 103 / 110 registers for the forward with
+tangent, 168 / 163 for the backward, 128-bit loads. Any strides for every input (no copies); outputs are row-major.
+The backward recomputes μ, σ from x (read anyway) instead of saving them, and reduces dscale/dshift
+deterministically (2-D per-program partials summed over rows once after the loop, then one ordered sum). Verified on
+the CPU interpreter in fp32/fp64; fp16/bf16 parity is GPU-only (``pytest -m gpu``).
 """
 
 from __future__ import annotations
