@@ -75,7 +75,8 @@ class RowTile(NamedTuple):
     num_warps: int
 
 
-#: A chunk narrower than this is not worth its unrolled code: one warp-wide 128-bit bf16 load covers 256 lanes.
+#: Narrowest chunk :func:`_chunking` splits a row into: below it the unrolled code per chunk outweighs the lanes it
+#: saves (rows that narrow already share a program in the multi-row tile).
 MIN_CHUNK_D = 128
 #: At most this many register chunks per row (each chunk is unrolled code; 3 covers FLUX's 3072 and 12288).
 MAX_CHUNKS = 8
@@ -101,12 +102,13 @@ def row_tile(n_cols: int, op: str, max_elements: int = 4096, max_chunks: int = 1
     3 × 4096 with no masked lane, where one power-of-two block (4096, 16384) masks a quarter of them. ``max_chunks =
     1`` (a kernel without chunk loops) gives ``BLOCK_D = next_power_of_2(n_cols)``, masked past ``n_cols``.
     ``BLOCK_ROWS`` (a power of two) fills the tile to about ``max_elements`` (the multi-row variant for narrow rows
-    such as FLUX's qk-norm, D = 128: one program per row would leave most lanes idle). ``num_warps`` (4 to 16) gives
-    at most 16 elements per thread, halved while a chunk has fewer than 8 per thread and the whole tile stays within
-    :data:`MAX_PER_THREAD` per thread (why: 8 bf16 lanes make one 128-bit load; Triton's coalescing narrows the
-    vector when a chunk has fewer elements per thread). Only ``n_cols`` shapes the tile, so row counts never trigger
-    a recompile. Raises ``RuntimeError`` above ``max_d`` (at most :data:`MAX_FUSED_D_CHUNKED`, and only with chunks
-    above :data:`MAX_FUSED_D`: one block of 16384 lanes would be 32 values per thread).
+    such as FLUX's qk-norm, D = 128: one program per row would leave most lanes idle). ``num_warps`` is the fewest
+    (4 to 16) giving at most 16 elements per thread (24 at 16 warps for D = 12288), halved while a chunk has fewer
+    than 8 per thread and the whole tile stays within :data:`MAX_PER_THREAD` per thread (why: 8 bf16 lanes make one
+    128-bit load; Triton's coalescing narrows the vector when a chunk has fewer elements per thread). Only
+    ``n_cols`` shapes the tile, so row counts never trigger a recompile. Raises ``RuntimeError`` above ``max_d`` (at
+    most :data:`MAX_FUSED_D_CHUNKED`, and only with chunks above :data:`MAX_FUSED_D`: one block of 16384 lanes would
+    be 32 values per thread).
     """
     assert max_d <= (MAX_FUSED_D_CHUNKED if max_chunks > 1 else MAX_FUSED_D)
     if n_cols > max_d:
@@ -118,6 +120,8 @@ def row_tile(n_cols: int, op: str, max_elements: int = 4096, max_chunks: int = 1
     block_rows = _prev_power_of_2(max(1, max_elements // (block_d * chunks)))
     per_chunk = block_rows * block_d
     num_warps = max(4, min(16, triton.next_power_of_2(triton.cdiv(per_chunk * chunks, 512))))
+    # Halve while a chunk gives a thread fewer than 8 elements and the halved count (16·num_warps threads) keeps the
+    # whole tile within MAX_PER_THREAD per thread.
     while num_warps > 4 and per_chunk < 8 * 32 * num_warps and per_chunk * chunks <= MAX_PER_THREAD * 16 * num_warps:
         num_warps //= 2
     return RowTile(block_rows, block_d, chunks, num_warps)
