@@ -375,8 +375,11 @@ def _compile(job) -> dict:
     from triton.compiler import ASTSource
 
     options, signature, constexprs, attrs, _, _ = job["bound"]
+    fn = job["launch"].jit_fn
+    if getattr(fn, "is_gluon", lambda: False)():  # @gluon.jit kernels are lowered from Gluon IR, not TTIR
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     t0 = time.time()
-    kernel = triton.compile(ASTSource(job["launch"].jit_fn, signature, constexprs, attrs),
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32), options=options.__dict__)
     return {"ok": True, "compile_s": round(time.time() - t0, 1), **analyse(kernel)}
 
