@@ -263,6 +263,14 @@ def _op_scenarios(op, fn, jvp_fn, primals, tangents, grad_shape, interleaved=Fal
     return [(op, "jvp", jvp), (op, "func.jvp", func_jvp), (op, "backward", backward)]
 
 
+def _gluon_jvp(*qkv_tqkv):
+    from kernels.attention_gluon import HAS_GLUON, attention_jvp_gluon
+
+    if HAS_GLUON:  # a triton without Gluon has nothing to compile here
+        # No fallback: the captured launch never runs, so its overflow flags are uninitialised memory.
+        attention_jvp_gluon(*qkv_tqkv, overflow_fallback=False)
+
+
 def flux_scenarios(head_dims=(128, 64)):
     """``(op, mode, callable)`` driving every public launcher with empty CPU tensors in FLUX layouts (bf16)."""
     import torch
@@ -282,6 +290,8 @@ def flux_scenarios(head_dims=(128, 64)):
 
         out += _op_scenarios(f"attention_d{d}", kernels.attention, kernels.attention_jvp, qkv, qkv,
                              lambda d=d: e(B, N, H, d).transpose(1, 2))  # dL/dO in FLUX's (B, L, H, D) memory
+        # The opt-in Gluon sm_90 kernel (kernels.attention_gluon): its launcher directly, fused primal + tangent.
+        out.append((f"attention_gluon_d{d}", "jvp", lambda qkv=qkv: _gluon_jvp(*qkv(), *qkv())))
 
         def qknr(grad, d=d):  # x: the projection output (B, L_img, H·D); tables sliced at the text offset
             return e(B, N_IMG, H * d, grad=grad), e(d, grad=grad), e(N, d, dtype=f32)[N_TXT:], \

@@ -194,9 +194,12 @@ if HAS_GLUON:
             # K/tK of this stage are consumed: prefetch tile j + 2 into it.
             _issue_pair(k_desc, tk_desc, k_buf.index(stage), tk_buf.index(stage), k_bar.index(stage), b, h,
                         (j + 2) * BLOCK_N, j + 2 < n_tiles)
+            p_prev = p_op
+            pts_prev = pts_op
             p_op, pts_op, m_i, l_i, mu_i, alpha = _softmax(s, ts, m_i, l_i, mu_i, j * BLOCK_N, N_K, qk_scale,
                                                            sm_scale, BLOCK_N, s_layout, p_layout, PV_DTYPE)
-            acc_o, acc_t = warpgroup_mma_wait(0, deps=(acc_o, acc_t))
+            # The in-flight wgmmas read tile j-1's P and P⊙tS from registers: they stay alive until retired.
+            acc_o, acc_t, p_prev, pts_prev = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p_prev, pts_prev))
             # V/tV of tile j-1 are consumed: prefetch tile j + 1 into their stage.
             _issue_pair(v_desc, tv_desc, v_buf.index(prev), tv_buf.index(prev), v_bar.index(prev), b, h,
                         (j + 1) * BLOCK_N, j + 1 < n_tiles)
@@ -209,7 +212,7 @@ if HAS_GLUON:
         acc_o, acc_t = _v_side(acc_o, acc_t, p_op, pts_op, v_buf.index(last).reshape([BLOCK_N, HEAD_DIM]),
                                tv_buf.index(last).reshape([BLOCK_N, HEAD_DIM]), v16_s, tv16_s,
                                PV_F16, BLOCK_N, HEAD_DIM, num_warps)
-        acc_o, acc_t = warpgroup_mma_wait(0, deps=(acc_o, acc_t))
+        acc_o, acc_t, p_op, pts_op = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p_op, pts_op))
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(2):
             mbarrier.invalidate(k_bar.index(i))
@@ -231,7 +234,8 @@ if HAS_GLUON:
         # Q and tQ are dead: their buffers stage O and tO for the TMA stores (rows past N_Q are clipped by TMA).
         q_s.store(o.to(dtype))
         tq_s.store(to.to(dtype))
-        fence_async_shared()
+        fence_async_shared()  # every thread's generic stores, then the async-proxy TMA reads of one thread
+        _cta_barrier()
         _tma_store(o_desc, [b, h, start_m, 0], q_buf)
         _tma_store(to_desc, [b, h, start_m, 0], tq_buf)
         tma.store_wait(0)
@@ -297,7 +301,7 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None):
+def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: bool = True):
     """``(o, to, lse)`` of attention and its tangent from the Gluon sm_90 kernel (opt-in; not verified on a GPU).
 
     Same contract as ``kernels.attention_jvp(..., return_lse=True)``: q, tq (B, H, Nq, D), k, v, tk, tv
@@ -305,6 +309,11 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None):
     materialised as zeros here). Returns ``o``, ``to`` as (B, H, Nq, D) views of (B, Nq, H, D) memory and ``lse``
     (B, H, Nq) fp32. Not differentiable (use kernels.attention_jvp for gradients). Raises
     :class:`GluonUnavailableError` off sm_90 GPUs and ``ValueError`` on bad inputs.
+
+    bf16 inputs take fp16 P·V-side operands (as kernels.attention). If one overflowed (|V|, |tV| or |P⊙tS| ≥
+    65504) the kernel flags its rows; with ``overflow_fallback`` (default) a flagged call is recomputed by the
+    Triton kernel (kernels.attention_jvp, bf16-operand fix-up), at the price of one host sync per bf16 call to read
+    the flags. ``overflow_fallback=False`` skips the sync and leaves flagged rows non-finite.
     """
     from kernels.attention import _check_attention_inputs, _empty_bnhd, _scale_of
 
@@ -333,4 +342,8 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None):
         h, n_q, n_k, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PV_F16=pv_f16, num_warps=num_warps,
     )
+    if pv_f16 and overflow_fallback and bool(flags.any()):  # rare: recompute with the Triton kernel's fix-up pass
+        from kernels.attention import _launch_fwd  # the launcher itself: the public API may route back here
+
+        return _launch_fwd(q, k, v, tq, tk, tv, None, None, sm_scale, True, True, True)
     return o, to, lse
