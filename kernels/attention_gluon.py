@@ -87,9 +87,10 @@ if HAS_GLUON:
     def _softmax(s, ts, m_i, l_i, mu_i, start_n, N_K, qk_scale, sm_scale,
                  BLOCK_N: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, PV_DTYPE: gl.constexpr):
         """Online-softmax update for one key tile (base 2); returns P and P⊙tS as wgmma register operands."""
-        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        # Keys past N_K were zero-filled by TMA: their logits must not count.
-        s = gl.where(gl.expand_dims(cols < N_K, 0), s * qk_scale, float("-inf"))
+        s = s * qk_scale
+        if start_n + BLOCK_N > N_K:  # the last tile: keys past N_K were zero-filled by TMA, they must not count
+            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < N_K, 0), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - gl.expand_dims(m_new, 1))
@@ -107,8 +108,8 @@ if HAS_GLUON:
         LSE,  # pointer to the (B·H, Nq) fp32 LSE
         ROW_FLAGS,  # pointer to (B·H, Nq) int32: non-finite accumulator per row (fp16 operand overflow), PV_F16 only
         H, N_Q, N_K, qk_scale, sm_scale,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PV_F16: gl.constexpr,
-        num_warps: gl.constexpr,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        PV_F16: gl.constexpr, num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = q_desc.dtype
         PV_DTYPE: gl.constexpr = gl.float16 if PV_F16 else dtype
@@ -129,13 +130,13 @@ if HAS_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         tile2d: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
-        # Shared memory: Q, tQ once; a two-stage ring of K, tK (one barrier per stage) and V, tV (another).
+        # Shared memory: Q, tQ once; a STAGES-deep ring of K, tK (one barrier per stage) and V, tV (another).
         q_buf = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
         tq_buf = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_buf = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        tk_buf = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_buf = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        tv_buf = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        k_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        tk_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        tv_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
         if PV_F16:
             v16_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], tile2d)
             tv16_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], tile2d)
@@ -143,17 +144,18 @@ if HAS_GLUON:
             v16_s = v_buf
             tv16_s = tv_buf
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(2):
+        for i in gl.static_range(STAGES):
             mbarrier.init(k_bar.index(i), count=1)
             mbarrier.init(v_bar.index(i), count=1)
-        fence_async_shared()
+        fence_async_shared()  # the initialised barriers, visible to the TMA unit ...
+        _cta_barrier()  # ... and to every warp before any waits on them
 
         n_tiles = gl.cdiv(N_K, BLOCK_N)
         _issue_pair(q_desc, tq_desc, q_buf, tq_buf, q_bar, b, h, start_m, True)
-        for i in gl.static_range(2):
+        for i in gl.static_range(STAGES):
             _issue_pair(k_desc, tk_desc, k_buf.index(i), tk_buf.index(i), k_bar.index(i), b, h, i * BLOCK_N,
                         i < n_tiles)
             _issue_pair(v_desc, tv_desc, v_buf.index(i), tv_buf.index(i), v_bar.index(i), b, h, i * BLOCK_N,
@@ -173,48 +175,51 @@ if HAS_GLUON:
         s, ts = _k_side(q_s, tq_s, k_buf.index(0).reshape([BLOCK_N, HEAD_DIM]),
                         tk_buf.index(0).reshape([BLOCK_N, HEAD_DIM]), BLOCK_M, BLOCK_N, s_layout)
         s, ts = warpgroup_mma_wait(0, deps=(s, ts))
-        _issue_pair(k_desc, tk_desc, k_buf.index(0), tk_buf.index(0), k_bar.index(0), b, h, 2 * BLOCK_N,
-                    2 < n_tiles)
+        _cta_barrier()  # both warpgroups' wgmmas on this stage have retired before TMA refills it
+        _issue_pair(k_desc, tk_desc, k_buf.index(0), tk_buf.index(0), k_bar.index(0), b, h, STAGES * BLOCK_N,
+                    STAGES < n_tiles)
         p_op, pts_op, m_i, l_i, mu_i, alpha = _softmax(s, ts, m_i, l_i, mu_i, 0, N_K, qk_scale, sm_scale,
                                                        BLOCK_N, s_layout, p_layout, PV_DTYPE)
 
         # Steady state, tile j: issue tile j's Q·Kᵀ side, then tile j-1's P·V side; wait for the first three
         # groups only (pendings = 3), so the P·V wgmmas run under tile j's softmax; then retire them and rescale.
         for j in range(1, n_tiles):
-            stage = j % 2
-            prev = 1 - stage
-            mbarrier.wait(k_bar.index(stage), (j // 2) & 1)
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_bar.index(stage), (j // STAGES) & 1)
             s, ts = _k_side(q_s, tq_s, k_buf.index(stage).reshape([BLOCK_N, HEAD_DIM]),
                             tk_buf.index(stage).reshape([BLOCK_N, HEAD_DIM]), BLOCK_M, BLOCK_N, s_layout)
-            mbarrier.wait(v_bar.index(prev), ((j - 1) // 2) & 1)
+            mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
             acc_o, acc_t = _v_side(acc_o, acc_t, p_op, pts_op, v_buf.index(prev).reshape([BLOCK_N, HEAD_DIM]),
                                    tv_buf.index(prev).reshape([BLOCK_N, HEAD_DIM]), v16_s, tv16_s,
                                    PV_F16, BLOCK_N, HEAD_DIM, num_warps)
             s, ts = warpgroup_mma_wait(3, deps=(s, ts))
-            # K/tK of this stage are consumed: prefetch tile j + 2 into it.
+            # K/tK of this stage are consumed (by both warpgroups): prefetch tile j + STAGES into it.
+            _cta_barrier()
             _issue_pair(k_desc, tk_desc, k_buf.index(stage), tk_buf.index(stage), k_bar.index(stage), b, h,
-                        (j + 2) * BLOCK_N, j + 2 < n_tiles)
+                        (j + STAGES) * BLOCK_N, j + STAGES < n_tiles)
             p_prev = p_op
             pts_prev = pts_op
             p_op, pts_op, m_i, l_i, mu_i, alpha = _softmax(s, ts, m_i, l_i, mu_i, j * BLOCK_N, N_K, qk_scale,
                                                            sm_scale, BLOCK_N, s_layout, p_layout, PV_DTYPE)
             # The in-flight wgmmas read tile j-1's P and P⊙tS from registers: they stay alive until retired.
             acc_o, acc_t, p_prev, pts_prev = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p_prev, pts_prev))
-            # V/tV of tile j-1 are consumed: prefetch tile j + 1 into their stage.
+            # V/tV of tile j-1 are consumed (by both warpgroups): prefetch tile j-1 + STAGES into their stage.
+            _cta_barrier()
             _issue_pair(v_desc, tv_desc, v_buf.index(prev), tv_buf.index(prev), v_bar.index(prev), b, h,
-                        (j + 1) * BLOCK_N, j + 1 < n_tiles)
+                        (j - 1 + STAGES) * BLOCK_N, j - 1 + STAGES < n_tiles)
             alpha_o = gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             acc_o = acc_o * alpha_o
             acc_t = acc_t * alpha_o
 
-        last = (n_tiles - 1) % 2
-        mbarrier.wait(v_bar.index(last), ((n_tiles - 1) // 2) & 1)
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_bar.index(last), ((n_tiles - 1) // STAGES) & 1)
         acc_o, acc_t = _v_side(acc_o, acc_t, p_op, pts_op, v_buf.index(last).reshape([BLOCK_N, HEAD_DIM]),
                                tv_buf.index(last).reshape([BLOCK_N, HEAD_DIM]), v16_s, tv16_s,
                                PV_F16, BLOCK_N, HEAD_DIM, num_warps)
         acc_o, acc_t, p_op, pts_op = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p_op, pts_op))
         mbarrier.invalidate(q_bar)
-        for i in gl.static_range(2):
+        for i in gl.static_range(STAGES):
             mbarrier.invalidate(k_bar.index(i))
             mbarrier.invalidate(v_bar.index(i))
 
@@ -244,9 +249,9 @@ if HAS_GLUON:
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
-#: (BLOCK_M, BLOCK_N, num_warps) per head dim: two warpgroups of 64 query rows each; BLOCK_N from the compile
-#: report (registers and shared memory, see the module docstring).
-_CONFIGS = {128: (128, 32, 8), 64: (128, 64, 8)}
+#: (BLOCK_M, BLOCK_N, STAGES, num_warps) per head dim: two warpgroups of 64 query rows each; BLOCK_N and STAGES
+#: from the compile report (registers and shared memory, see the module docstring).
+_CONFIGS = {128: (128, 32, 3, 8), 64: (128, 64, 3, 8)}
 
 
 class GluonUnavailableError(RuntimeError):
@@ -330,7 +335,7 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: b
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, to, lse
-    block_m, block_n, num_warps = _CONFIGS[d]
+    block_m, block_n, stages, num_warps = _CONFIGS[d]
     pv_f16 = q.dtype == torch.bfloat16
     flags = torch.empty((b, h, n_q), dtype=torch.int32, device=q.device) if pv_f16 else lse
     sm_scale = _scale_of(q, scale)
@@ -340,7 +345,7 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: b
     _attn_jvp_gluon_kernel[grid](
         *descs, _descriptor(o, block_m), _descriptor(to, block_m), lse, flags,
         h, n_q, n_k, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PV_F16=pv_f16, num_warps=num_warps,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PV_F16=pv_f16, num_warps=num_warps,
     )
     if pv_f16 and overflow_fallback and bool(flags.any()):  # rare: recompute with the Triton kernel's fix-up pass
         from kernels.attention import _launch_fwd  # the launcher itself: the public API may route back here
