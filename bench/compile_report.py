@@ -263,12 +263,12 @@ def _op_scenarios(op, fn, jvp_fn, primals, tangents, grad_shape, interleaved=Fal
     return [(op, "jvp", jvp), (op, "func.jvp", func_jvp), (op, "backward", backward)]
 
 
-def _gluon_jvp(*qkv_tqkv):
+def _gluon_jvp(*qkv_tqkv, ws=False):
     from kernels.attention_gluon import HAS_GLUON, attention_jvp_gluon
 
     if HAS_GLUON:  # a triton without Gluon has nothing to compile here
         # No fallback: the captured launch never runs, so its overflow flags are uninitialised memory.
-        attention_jvp_gluon(*qkv_tqkv, overflow_fallback=False)
+        attention_jvp_gluon(*qkv_tqkv, overflow_fallback=False, warp_specialize=ws)
 
 
 def flux_scenarios(head_dims=(128, 64)):
@@ -292,6 +292,7 @@ def flux_scenarios(head_dims=(128, 64)):
                              lambda d=d: e(B, N, H, d).transpose(1, 2))  # dL/dO in FLUX's (B, L, H, D) memory
         # The opt-in Gluon sm_90 kernel (kernels.attention_gluon): its launcher directly, fused primal + tangent.
         out.append((f"attention_gluon_d{d}", "jvp", lambda qkv=qkv: _gluon_jvp(*qkv(), *qkv())))
+        out.append((f"attention_gluon_ws_d{d}", "jvp", lambda qkv=qkv: _gluon_jvp(*qkv(), *qkv(), ws=True)))
 
         def qknr(grad, d=d):  # x: the projection output (B, L_img, H·D); tables sliced at the text offset
             return e(B, N_IMG, H * d, grad=grad), e(d, grad=grad), e(N, d, dtype=f32)[N_TXT:], \
@@ -451,6 +452,8 @@ def run_jobs(jobs, n_parallel: int, timeout: float, cache_dir: Path | None) -> l
 
 
 def _mode(name: str, flags: dict) -> str:
+    if name.startswith("_attn_jvp_gluon"):
+        return "fwd+tangent" + (" ws" if flags.get("WARP_SPECIALIZE") else "")
     if name.startswith("_attn_fwd"):
         return "tangent(LSE)" if flags.get("FIXED_LSE") else ("fwd+tangent" if flags.get("WRITE_TO") else "primal")
     on = [k for k, v in flags.items() if v is True and not k.startswith(("BLOCK", "EVEN"))]

@@ -102,24 +102,54 @@ if HAS_GLUON:
         return p_op, pts_op, m_new, l_i, mu_i, alpha
 
     @gluon.jit
-    def _attn_jvp_gluon_kernel(
-        q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc,  # TMA descriptors over (B, H, N, D), block (1, 1, ·, D)
-        o_desc, to_desc,  # TMA descriptors of the outputs O and tO (same block as q)
-        LSE,  # pointer to the (B·H, Nq) fp32 LSE
-        ROW_FLAGS,  # pointer to (B·H, Nq) int32: non-finite accumulator per row (fp16 operand overflow), PV_F16 only
-        H, N_Q, N_K, qk_scale, sm_scale,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        PV_F16: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        dtype: gl.constexpr = q_desc.dtype
-        PV_DTYPE: gl.constexpr = gl.float16 if PV_F16 else dtype
-        n_mblocks = gl.cdiv(N_Q, BLOCK_M)
-        pid = gl.program_id(0)
-        bh = pid // n_mblocks  # query-block fastest: neighbouring programs share a head's K/V in L2
-        start_m = (pid % n_mblocks) * BLOCK_M
-        b = bh // H
-        h = bh % H
+    def _load_partition(descs, bufs, bars, empties, b, h, start_m, n_tiles):
+        """Warp-specialised producer (one warp): Q and tQ once, then every K/tK and V/tV tile into the ring, each
+        stage as soon as the compute warps release it (``empties``; a fresh mbarrier counts as released)."""
+        q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc = descs
+        q_buf, tq_buf, k_buf, tk_buf, v_buf, tv_buf = bufs
+        q_bar, k_bar, v_bar = bars
+        k_empty, v_empty = empties
+        STAGES: gl.constexpr = k_buf.type.shape[0]
+        BLOCK_N: gl.constexpr = k_buf.type.shape[3]
+        _issue_pair(q_desc, tq_desc, q_buf, tq_buf, q_bar, b, h, start_m, True)
+        for t in range(n_tiles):
+            stage = t % STAGES
+            phase = (t // STAGES) & 1
+            mbarrier.wait(k_empty.index(stage), phase ^ 1)
+            _issue_pair(k_desc, tk_desc, k_buf.index(stage), tk_buf.index(stage), k_bar.index(stage), b, h,
+                        t * BLOCK_N, True)
+            mbarrier.wait(v_empty.index(stage), phase ^ 1)
+            _issue_pair(v_desc, tv_desc, v_buf.index(stage), tv_buf.index(stage), v_bar.index(stage), b, h,
+                        t * BLOCK_N, True)
 
+    @gluon.jit
+    def _release(WS: gl.constexpr, desc_a, desc_b, buf_a, buf_b, bar, empty, stage, b, h, tile, n_tiles,
+                 BLOCK_N: gl.constexpr):
+        """A ring stage is consumed by both warpgroups: hand it to the load partition (WS), or refill it with
+        tile ``tile`` ourselves."""
+        _cta_barrier()  # every warp's wgmmas (and shared loads) on this stage have retired
+        if WS:
+            mbarrier.arrive(empty.index(stage), count=1)
+        else:
+            _issue_pair(desc_a, desc_b, buf_a.index(stage), buf_b.index(stage), bar.index(stage), b, h,
+                        tile * BLOCK_N, tile < n_tiles)
+
+    @gluon.jit
+    def _compute_partition(descs, bufs, bars, empties, v16_s, tv16_s, o_descs, LSE, ROW_FLAGS, b, h, bh, start_m,
+                           N_Q, N_K, n_tiles, qk_scale, sm_scale, PV_F16: gl.constexpr, WS: gl.constexpr,
+                           num_warps: gl.constexpr):
+        """Two warpgroups of 64 query rows each: the online-softmax loop over K/V tiles and the epilogue."""
+        q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc = descs
+        q_buf, tq_buf, k_buf, tk_buf, v_buf, tv_buf = bufs
+        q_bar, k_bar, v_bar = bars
+        k_empty, v_empty = empties
+        o_desc, to_desc = o_descs
+        dtype: gl.constexpr = q_buf.dtype
+        PV_DTYPE: gl.constexpr = gl.float16 if PV_F16 else dtype
+        STAGES: gl.constexpr = k_buf.type.shape[0]
+        BLOCK_M: gl.constexpr = q_buf.type.shape[2]
+        BLOCK_N: gl.constexpr = k_buf.type.shape[3]
+        HEAD_DIM: gl.constexpr = q_buf.type.shape[3]
         # One warpgroup per 64 rows; instruction N = the whole tile width (largest wgmma).
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -128,38 +158,13 @@ if HAS_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        tile2d: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-
-        # Shared memory: Q, tQ once; a STAGES-deep ring of K, tK (one barrier per stage) and V, tV (another).
-        q_buf = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-        tq_buf = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        tk_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        tv_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        if PV_F16:
-            v16_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], tile2d)
-            tv16_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], tile2d)
-        else:
-            v16_s = v_buf
-            tv16_s = tv_buf
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bar.index(i), count=1)
-            mbarrier.init(v_bar.index(i), count=1)
-        fence_async_shared()  # the initialised barriers, visible to the TMA unit ...
-        _cta_barrier()  # ... and to every warp before any waits on them
-
-        n_tiles = gl.cdiv(N_K, BLOCK_N)
-        _issue_pair(q_desc, tq_desc, q_buf, tq_buf, q_bar, b, h, start_m, True)
-        for i in gl.static_range(STAGES):
-            _issue_pair(k_desc, tk_desc, k_buf.index(i), tk_buf.index(i), k_bar.index(i), b, h, i * BLOCK_N,
-                        i < n_tiles)
-            _issue_pair(v_desc, tv_desc, v_buf.index(i), tv_buf.index(i), v_bar.index(i), b, h, i * BLOCK_N,
-                        i < n_tiles)
+        if not WS:  # no load partition: this partition fills the ring itself, STAGES tiles ahead
+            _issue_pair(q_desc, tq_desc, q_buf, tq_buf, q_bar, b, h, start_m, True)
+            for i in gl.static_range(STAGES):
+                _issue_pair(k_desc, tk_desc, k_buf.index(i), tk_buf.index(i), k_bar.index(i), b, h, i * BLOCK_N,
+                            i < n_tiles)
+                _issue_pair(v_desc, tv_desc, v_buf.index(i), tv_buf.index(i), v_bar.index(i), b, h, i * BLOCK_N,
+                            i < n_tiles)
         q_s = q_buf.reshape([BLOCK_M, HEAD_DIM])
         tq_s = tq_buf.reshape([BLOCK_M, HEAD_DIM])
 
@@ -175,9 +180,7 @@ if HAS_GLUON:
         s, ts = _k_side(q_s, tq_s, k_buf.index(0).reshape([BLOCK_N, HEAD_DIM]),
                         tk_buf.index(0).reshape([BLOCK_N, HEAD_DIM]), BLOCK_M, BLOCK_N, s_layout)
         s, ts = warpgroup_mma_wait(0, deps=(s, ts))
-        _cta_barrier()  # both warpgroups' wgmmas on this stage have retired before TMA refills it
-        _issue_pair(k_desc, tk_desc, k_buf.index(0), tk_buf.index(0), k_bar.index(0), b, h, STAGES * BLOCK_N,
-                    STAGES < n_tiles)
+        _release(WS, k_desc, tk_desc, k_buf, tk_buf, k_bar, k_empty, 0, b, h, STAGES, n_tiles, BLOCK_N)
         p_op, pts_op, m_i, l_i, mu_i, alpha = _softmax(s, ts, m_i, l_i, mu_i, 0, N_K, qk_scale, sm_scale,
                                                        BLOCK_N, s_layout, p_layout, PV_DTYPE)
 
@@ -194,20 +197,17 @@ if HAS_GLUON:
                                    tv_buf.index(prev).reshape([BLOCK_N, HEAD_DIM]), v16_s, tv16_s,
                                    PV_F16, BLOCK_N, HEAD_DIM, num_warps)
             s, ts = warpgroup_mma_wait(3, deps=(s, ts))
-            # K/tK of this stage are consumed (by both warpgroups): prefetch tile j + STAGES into it.
-            _cta_barrier()
-            _issue_pair(k_desc, tk_desc, k_buf.index(stage), tk_buf.index(stage), k_bar.index(stage), b, h,
-                        (j + STAGES) * BLOCK_N, j + STAGES < n_tiles)
+            # K/tK of tile j are consumed: their stage takes tile j + STAGES.
+            _release(WS, k_desc, tk_desc, k_buf, tk_buf, k_bar, k_empty, stage, b, h, j + STAGES, n_tiles, BLOCK_N)
             p_prev = p_op
             pts_prev = pts_op
             p_op, pts_op, m_i, l_i, mu_i, alpha = _softmax(s, ts, m_i, l_i, mu_i, j * BLOCK_N, N_K, qk_scale,
                                                            sm_scale, BLOCK_N, s_layout, p_layout, PV_DTYPE)
             # The in-flight wgmmas read tile j-1's P and P⊙tS from registers: they stay alive until retired.
             acc_o, acc_t, p_prev, pts_prev = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p_prev, pts_prev))
-            # V/tV of tile j-1 are consumed (by both warpgroups): prefetch tile j-1 + STAGES into their stage.
-            _cta_barrier()
-            _issue_pair(v_desc, tv_desc, v_buf.index(prev), tv_buf.index(prev), v_bar.index(prev), b, h,
-                        (j - 1 + STAGES) * BLOCK_N, j - 1 + STAGES < n_tiles)
+            # V/tV of tile j-1 are consumed: their stage takes tile j-1 + STAGES.
+            _release(WS, v_desc, tv_desc, v_buf, tv_buf, v_bar, v_empty, prev, b, h, j - 1 + STAGES, n_tiles,
+                     BLOCK_N)
             alpha_o = gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             acc_o = acc_o * alpha_o
             acc_t = acc_t * alpha_o
@@ -218,10 +218,6 @@ if HAS_GLUON:
                                tv_buf.index(last).reshape([BLOCK_N, HEAD_DIM]), v16_s, tv16_s,
                                PV_F16, BLOCK_N, HEAD_DIM, num_warps)
         acc_o, acc_t, p_op, pts_op = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p_op, pts_op))
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bar.index(i))
-            mbarrier.invalidate(v_bar.index(i))
 
         inv_l = gl.expand_dims(gl.convert_layout(1.0 / l_i, row_o), 1)
         mu_l = gl.expand_dims(gl.convert_layout(mu_i / l_i, row_o), 1)
@@ -245,6 +241,78 @@ if HAS_GLUON:
         _tma_store(to_desc, [b, h, start_m, 0], tq_buf)
         tma.store_wait(0)
 
+    @gluon.jit
+    def _attn_jvp_gluon_kernel(
+        q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc,  # TMA descriptors over (B, H, N, D), block (1, 1, ·, D)
+        o_desc, to_desc,  # TMA descriptors of the outputs O and tO (same block as q)
+        LSE,  # pointer to the (B·H, Nq) fp32 LSE
+        ROW_FLAGS,  # pointer to (B·H, Nq) int32: non-finite accumulator per row (fp16 operand overflow), PV_F16 only
+        H, N_Q, N_K, qk_scale, sm_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        PV_F16: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """One BLOCK_M block of query rows of one (batch, head): O, tO (input dtype) and the LSE (fp32)."""
+        dtype: gl.constexpr = q_desc.dtype
+        n_mblocks = gl.cdiv(N_Q, BLOCK_M)
+        pid = gl.program_id(0)
+        bh = pid // n_mblocks  # query-block fastest: neighbouring programs share a head's K/V in L2
+        start_m = (pid % n_mblocks) * BLOCK_M
+        b = bh // H
+        h = bh % H
+        n_tiles = gl.cdiv(N_K, BLOCK_N)
+
+        # Shared memory: Q, tQ once; a STAGES-deep ring of K, tK (one barrier per stage) and V, tV (another).
+        q_buf = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+        tq_buf = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        tk_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        tv_buf = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        if PV_F16:
+            tile2d: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+            v16_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], tile2d)
+            tv16_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], tile2d)
+        else:
+            v16_s = v_buf
+            tv16_s = tv_buf
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=1)
+        fence_async_shared()  # the initialised barriers, visible to the TMA unit ...
+        _cta_barrier()  # ... and to every warp before any waits on them
+
+        descs = (q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc)
+        bufs = (q_buf, tq_buf, k_buf, tk_buf, v_buf, tv_buf)
+        bars = (q_bar, k_bar, v_bar)
+        empties = (k_empty, v_empty)
+        o_descs = (o_desc, to_desc)
+        if WARP_SPECIALIZE:
+            # One producer warp (24 registers) issues every TMA load; the 8 compute warps get the rest.
+            gl.warp_specialize([
+                (_compute_partition, (descs, bufs, bars, empties, v16_s, tv16_s, o_descs, LSE, ROW_FLAGS, b, h, bh,
+                                      start_m, N_Q, N_K, n_tiles, qk_scale, sm_scale, PV_F16, True, num_warps)),
+                (_load_partition, (descs, bufs, bars, empties, b, h, start_m, n_tiles)),
+            ], [1], [24])
+        else:
+            _compute_partition(descs, bufs, bars, empties, v16_s, tv16_s, o_descs, LSE, ROW_FLAGS, b, h, bh, start_m,
+                               N_Q, N_K, n_tiles, qk_scale, sm_scale, PV_F16, False, num_warps)
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+            mbarrier.invalidate(k_empty.index(i))
+            mbarrier.invalidate(v_empty.index(i))
+
+
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
@@ -252,6 +320,7 @@ if HAS_GLUON:
 #: (BLOCK_M, BLOCK_N, STAGES, num_warps) per head dim: two warpgroups of 64 query rows each; BLOCK_N and STAGES
 #: from the compile report (registers and shared memory, see the module docstring).
 _CONFIGS = {128: (128, 32, 3, 8), 64: (128, 64, 3, 8)}
+_WS_MAXNREG = 168  # 168 · 12 warps · 32 lanes ≤ 65536 registers per SM (one CTA)
 
 
 class GluonUnavailableError(RuntimeError):
@@ -306,7 +375,8 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: bool = True):
+def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: bool = True,
+                        warp_specialize: bool = False):
     """``(o, to, lse)`` of attention and its tangent from the Gluon sm_90 kernel (opt-in; not verified on a GPU).
 
     Same contract as ``kernels.attention_jvp(..., return_lse=True)``: q, tq (B, H, Nq, D), k, v, tk, tv
@@ -342,10 +412,14 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: b
     descs = [_descriptor(named[name], block_m if name.endswith("q") else block_n)
              for name in ("q", "tq", "k", "tk", "v", "tv")]  # the kernel's argument order
     grid = (b * h * triton.cdiv(n_q, block_m),)
+    # Warp-specialised: 8 compute warps + a 4-warp group for the load warp share the 64 K registers per lane, so the
+    # kernel-wide cap must leave room for both (the compute warps then get WS_MAXNREG·12/8 − 12 after setmaxnreg).
+    extra = {"maxnreg": _WS_MAXNREG} if warp_specialize else {}
     _attn_jvp_gluon_kernel[grid](
         *descs, _descriptor(o, block_m), _descriptor(to, block_m), lse, flags,
         h, n_q, n_k, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PV_F16=pv_f16, num_warps=num_warps,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PV_F16=pv_f16,
+        WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, **extra,
     )
     if pv_f16 and overflow_fallback and bool(flags.any()):  # rare: recompute with the Triton kernel's fix-up pass
         from kernels.attention import _launch_fwd  # the launcher itself: the public API may route back here
