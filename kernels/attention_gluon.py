@@ -1,4 +1,71 @@
-"""DOCSTRING PLACEHOLDER"""
+"""Fused attention + forward-mode tangent (JVP) as a Gluon kernel for Hopper (sm_90): TMA, mbarriers, async wgmma.
+
+**Opt-in and unverified: no GPU has run this kernel.** Gluon kernels cannot run in the Triton interpreter, so on the
+project's machines it is only compiled (for sm_90, see the figures below); its parity tests are GPU-marked and skip.
+Select it with :func:`attention_jvp_gluon` or ``T2I_ATTENTION_BACKEND=gluon`` (routes the fused launcher of
+:func:`kernels.attention_jvp`; everything else keeps the Triton kernels). Make it a default only after
+``pytest -m gpu tests/kernels/test_attention_gluon.py`` passed on an H100/H200 and it measured faster.
+
+Math: exactly :mod:`kernels.attention`'s fused mode (same outputs O, tO, LSE)::
+
+    S = Q·Kᵀ·scale, P = softmax(S), O = P·V,  tS = (tQ·Kᵀ + Q·tKᵀ)·scale,  μ = rowsum(P ⊙ tS)
+    tO = [Σ_j e_j (tS_j·V_j + tV_j)] / l − (Σ_j e_j tS_j / l) · O
+
+streamed over K/V tiles with the online softmax in base 2 (log2(e)·scale folded into one multiplier), the merged
+tangent accumulator acc_t = Σ e·(tS·V + tV), the scalar Σ e·tS, fp32 accumulation, and fp16 P·V-side operands for
+bf16 inputs (P, P⊙tS, V, tV; V and tV are re-rounded bf16 → fp16 in shared memory, wgmma needs one operand dtype).
+Six wgmma per tile: Q·Kᵀ, tQ·Kᵀ, Q·tKᵀ (shared-memory operands), P·V, (P⊙tS)·V, P·tV (P from registers).
+If an fp16 operand overflows (|V|, |tV| or |P⊙tS| ≥ 65504) the kernel flags the row, and the launcher recomputes
+the call with the Triton kernel (which has its own fix-up pass); the flag check costs one host sync per bf16 call.
+
+Design. One program = BLOCK_M = 128 query rows of one (batch, head), 8 warps = two warpgroups of 64 rows each.
+
+* Buffers (shared memory): Q and tQ (one tile each, reused to stage O and tO for the TMA stores); a STAGES-deep
+  ring of K, tK, V, tV tiles (BLOCK_N × D); for bf16, one fp16 V and tV tile each. All tiles come from 4-D
+  (B, H, N, D) TMA descriptors with block (1, 1, rows, D): any strides with a unit last stride (FLUX's (B, N, H, D)
+  memory, no copies), rows past N zero-filled on load and clipped on store per (batch, head), so ragged Nq and Nk
+  need no padding; the last key tile's logits past N_K are masked to −inf (every tile: see below).
+* Barriers: one mbarrier for Q/tQ, and per ring stage one "K ready" (K and tK, one expect-tx of both) and one
+  "V ready" (V and tV), so Q·Kᵀ can start before V has landed.
+* Pipelining (software, in each warpgroup): tile j issues its three Q·Kᵀ-side wgmma, then tile j−1's three P·V-side
+  wgmma, then waits with ``warpgroup_mma_wait(3)``: the K side has retired and the P·V side stays in flight while
+  tile j's softmax runs on the CUDA cores; ``warpgroup_mma_wait(0)`` then retires it and rescales the accumulators
+  (FA3's intra-warpgroup overlap). Checked in SASS (triton 3.9): all 18 MUFU.EX2 of a tile sit between
+  ``WARPGROUP.DEPBAR.LE gsb0, 0x3`` and ``0x0``. An ``if`` on the last tile around the mask made ptxas retire the
+  P·V wgmmas before the softmax (the branch sits between issue and wait), so the mask is applied to every tile.
+* Loads, default variant: the compute warps refill a stage once both warpgroups have retired the wgmmas reading it
+  (a CTA barrier, then TMA) with the tile STAGES tiles ahead.
+* ``warp_specialize=True`` variant: ``gl.warp_specialize`` with a one-warp load partition (24 registers) that fills
+  the ring and waits on per-stage "empty" mbarriers, which the compute partition (8 warps, 240 registers after
+  setmaxnreg; kernel maxnreg 168) arrives on after a partition barrier. Its register cap costs overlap: in SASS
+  ptxas retires the P·V wgmmas after 5 of a tile's 10 exponentials (head dim 128, 16-key tiles) or 2 of 34 (head
+  dim 64), so the default variant is the one to try first.
+
+Measured compile figures (project CPU machine, 2 cores, no GPU; ``bench/compile_report.py --only attention_gluon``,
+sm_90 compile via Triton 3.9.0 / 3.6.0; bf16, FLUX shapes; registers per thread, spills, shared memory in bytes,
+HGMMA instructions, deepest wgmma wait)::
+
+    variant        head dim  BLOCK_N  STAGES  regs 3.9 / 3.6   spills  smem     HGMMA  pendings
+    default        128       32       3       253 / 242        0       180360   60     3
+    default        64        64       3       224 / 219        0       147592   48     3
+    warp-spec.     128       16       4       168* / 168*      0       139708   54     3
+    warp-spec.     64        64       3       168* / 168*      0       147900   48     3
+    (* the kernel-wide cap of 12 warps; the compute warps run at 240 after setmaxnreg)
+
+fp16 inputs compile too (no fp16 copies of V and tV: 8 to 16 KiB less shared memory); ``tests/kernels/
+test_attention_gluon.py`` compiles every variant and asserts no spills, shared memory ≤ 232,448 B, HGMMA only,
+pendings = 3. No timing exists: the issue's targets (≥ 600 TFLOP/s fused at [2, 24, 1536, 128] and
+[1, 24, 4608, 128]) are untested.
+
+API differences handled: triton 3.6 names the TMA copies ``async_copy_global_to_shared`` /
+``async_copy_shared_to_global`` and the CTA barrier ``thread_barrier``; 3.9 ``async_load`` / ``async_store`` /
+``barrier`` (the 3.6 names raise there). Both compile the same source.
+
+Limits: CUDA sm_90 only (a clear error elsewhere, incl. the CPU); fp16/bf16; head dim 64 or 128; 16-byte aligned
+base and strides (TMA); not differentiable (gradients: :func:`kernels.attention_jvp`); tangents given as ``None``
+are materialised as zeros. Gluon API usage follows the Triton Gluon tutorials (triton-lang/triton
+``python/tutorials/gluon/04-tma.py``, ``05-wgmma.py``, ``08-warp-specialization.py``); the kernel is our own.
+"""
 
 from __future__ import annotations
 
@@ -87,10 +154,10 @@ if HAS_GLUON:
     def _softmax(s, ts, m_i, l_i, mu_i, start_n, N_K, qk_scale, sm_scale,
                  BLOCK_N: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, PV_DTYPE: gl.constexpr):
         """Online-softmax update for one key tile (base 2); returns P and P⊙tS as wgmma register operands."""
-        s = s * qk_scale
-        if start_n + BLOCK_N > N_K:  # the last tile: keys past N_K were zero-filled by TMA, they must not count
-            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(gl.expand_dims(cols < N_K, 0), s, float("-inf"))
+        # Keys past N_K were zero-filled by TMA: they must not count. Masked on every tile, not under an `if` on the
+        # last one: a branch here makes ptxas retire the in-flight P·V wgmmas before the softmax (measured in SASS).
+        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < N_K, 0), s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - gl.expand_dims(m_new, 1))
@@ -320,6 +387,9 @@ if HAS_GLUON:
 #: (BLOCK_M, BLOCK_N, STAGES, num_warps) per head dim: two warpgroups of 64 query rows each; BLOCK_N and STAGES
 #: from the compile report (registers and shared memory, see the module docstring).
 _CONFIGS = {128: (128, 32, 3, 8), 64: (128, 64, 3, 8)}
+#: Warp-specialised: the compute warps get 240 registers (setmaxnreg), not 255, so head dim 128 takes 16-key tiles
+#: (32 spilled under triton 3.9) and a deeper ring.
+_WS_CONFIGS = {128: (128, 16, 4, 8), 64: (128, 64, 3, 8)}
 _WS_MAXNREG = 168  # 168 · 12 warps · 32 lanes ≤ 65536 registers per SM (one CTA)
 
 
@@ -405,7 +475,7 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: b
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, to, lse
-    block_m, block_n, stages, num_warps = _CONFIGS[d]
+    block_m, block_n, stages, num_warps = (_WS_CONFIGS if warp_specialize else _CONFIGS)[d]
     pv_f16 = q.dtype == torch.bfloat16
     flags = torch.empty((b, h, n_q), dtype=torch.int32, device=q.device) if pv_f16 else lse
     sm_scale = _scale_of(q, scale)
