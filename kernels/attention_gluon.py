@@ -30,15 +30,16 @@ Design. One program = BLOCK_M = 128 query rows of one (batch, head), 8 warps = t
 * Pipelining (software, in each warpgroup): tile j issues its three Q·Kᵀ-side wgmma, then tile j−1's three P·V-side
   wgmma, then waits with ``warpgroup_mma_wait(3)``: the K side has retired and the P·V side stays in flight while
   tile j's softmax runs on the CUDA cores; ``warpgroup_mma_wait(0)`` then retires it and rescales the accumulators
-  (FA3's intra-warpgroup overlap). Checked in SASS (triton 3.9): all 18 MUFU.EX2 of a tile sit between
-  ``WARPGROUP.DEPBAR.LE gsb0, 0x3`` and ``0x0``. An ``if`` on the last tile around the mask made ptxas retire the
-  P·V wgmmas before the softmax (the branch sits between issue and wait), so the mask is applied to every tile.
+  (FA3's intra-warpgroup overlap). Checked in SASS (triton 3.9, bf16): of a tile's MUFU.EX2, all 18 (head dim 128,
+  32-key tiles) and 18 of 34 (head dim 64, 64-key tiles) sit between ``WARPGROUP.DEPBAR.LE gsb0, 0x3`` and ``0x0``.
+  An ``if`` on the last tile around the mask made ptxas retire the P·V wgmmas before the softmax (the branch sits
+  between issue and wait), so the mask is applied to every tile.
 * Loads, default variant: the compute warps refill a stage once both warpgroups have retired the wgmmas reading it
   (a CTA barrier, then TMA) with the tile STAGES tiles ahead.
 * ``warp_specialize=True`` variant: ``gl.warp_specialize`` with a one-warp load partition (24 registers) that fills
   the ring and waits on per-stage "empty" mbarriers, which the compute partition (8 warps, 240 registers after
   setmaxnreg; kernel maxnreg 168) arrives on after a partition barrier. Its register cap costs overlap: in SASS
-  ptxas retires the P·V wgmmas after 5 of a tile's 10 exponentials (head dim 128, 16-key tiles) or 2 of 34 (head
+  ptxas retires the P·V wgmmas after 5 of a tile's 10 exponentials (head dim 128, 16-key tiles) or 0 of 34 (head
   dim 64), so the default variant is the one to try first.
 
 Measured compile figures (project CPU machine, 2 cores, no GPU; ``bench/compile_report.py --only attention_gluon``,
@@ -47,7 +48,7 @@ HGMMA instructions, deepest wgmma wait)::
 
     variant        head dim  BLOCK_N  STAGES  regs 3.9 / 3.6   spills  smem     HGMMA  pendings
     default        128       32       3       253 / 242        0       180360   60     3
-    default        64        64       3       224 / 219        0       147592   48     3
+    default        64        64       3       224 / 222        0       147592   48     3
     warp-spec.     128       16       4       168* / 168*      0       139708   54     3
     warp-spec.     64        64       3       168* / 168*      0       147900   48     3
     (* the kernel-wide cap of 12 warps; the compute warps run at 240 after setmaxnreg)
@@ -308,7 +309,7 @@ if HAS_GLUON:
         _tma_store(to_desc, [b, h, start_m, 0], tq_buf)
         tma.store_wait(0)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["N_Q", "N_K"])  # a new length never recompiles (as kernels.attention)
     def _attn_jvp_gluon_kernel(
         q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc,  # TMA descriptors over (B, H, N, D), block (1, 1, ·, D)
         o_desc, to_desc,  # TMA descriptors of the outputs O and tO (same block as q)
