@@ -465,6 +465,8 @@ def _config(flags: dict, job: dict) -> str:
                                                   ("BLOCK_D", "D")) if k in flags]
     if int(flags.get("CHUNKS", 1)) > 1:  # a row held as CHUNKS register tiles of BLOCK_D lanes: D1024x3
         tiles[-1] += f"x{flags['CHUNKS']}"
+    if "STAGES" in flags:  # Gluon kernels pipeline by hand: their ring depth, not Triton's num_stages
+        return " ".join(tiles + [f"w{job['num_warps']} ring{flags['STAGES']}"])
     return " ".join(tiles + [f"w{job['num_warps']}s{job['num_stages']}"])
 
 
