@@ -30,33 +30,35 @@ Design. One program = BLOCK_M = 128 query rows of one (batch, head), 8 warps = t
 * Pipelining (software, in each warpgroup): tile j issues its three Q·Kᵀ-side wgmma, then tile j−1's three P·V-side
   wgmma, then waits with ``warpgroup_mma_wait(3)``: the K side has retired and the P·V side stays in flight while
   tile j's softmax runs on the CUDA cores; ``warpgroup_mma_wait(0)`` then retires it and rescales the accumulators
-  (FA3's intra-warpgroup overlap). Checked in SASS (triton 3.9, bf16): of a tile's MUFU.EX2, all 18 (head dim 128,
-  32-key tiles) and 18 of 34 (head dim 64, 64-key tiles) sit between ``WARPGROUP.DEPBAR.LE gsb0, 0x3`` and ``0x0``.
-  An ``if`` on the last tile around the mask made ptxas retire the P·V wgmmas before the softmax (the branch sits
-  between issue and wait), so the mask is applied to every tile.
+  (FA3's intra-warpgroup overlap). Measured in SASS (bf16; MUFU.EX2 between ``WARPGROUP.DEPBAR.LE gsb0, 0x3`` and
+  ``0x0``, of BLOCK_N/2 + 2 per tile; ptxas of triton 3.9 / 3.6): head dim 128 with 16-key tiles 10/10 and 10/10,
+  with 32-key tiles 18/18 but 0/18 (hence 16 by default: the GPU image has 3.6); head dim 64 with 64-key tiles
+  18/34 and 34/34. An ``if`` on the last tile around the mask made ptxas retire the P·V wgmmas before the softmax
+  (the branch sits between issue and wait), so the mask is applied to every tile.
 * Loads, default variant: the compute warps refill a stage once both warpgroups have retired the wgmmas reading it
   (a CTA barrier, then TMA) with the tile STAGES tiles ahead.
 * ``warp_specialize=True`` variant: ``gl.warp_specialize`` with a one-warp load partition (24 registers) that fills
   the ring and waits on per-stage "empty" mbarriers, which the compute partition (8 warps, 240 registers after
-  setmaxnreg; kernel maxnreg 168) arrives on after a partition barrier. Its register cap costs overlap: in SASS
-  ptxas retires the P·V wgmmas after 5 of a tile's 10 exponentials (head dim 128, 16-key tiles) or 0 of 34 (head
-  dim 64), so the default variant is the one to try first.
+  setmaxnreg; kernel maxnreg 168) arrives on after a partition barrier. Its register cap costs overlap: ptxas
+  retires the P·V wgmmas after 5/10 and 6/10 exponentials (head dim 128; triton 3.9 / 3.6) and 0/34 (head dim
+  64), so the default variant is the one to try first.
 
 Measured compile figures (project CPU machine, 2 cores, no GPU; ``bench/compile_report.py --only attention_gluon``,
 sm_90 compile via Triton 3.9.0 / 3.6.0; bf16, FLUX shapes; registers per thread, spills, shared memory in bytes,
 HGMMA instructions, deepest wgmma wait)::
 
     variant        head dim  BLOCK_N  STAGES  regs 3.9 / 3.6   spills  smem     HGMMA  pendings
-    default        128       32       3       253 / 242        0       180360   60     3
+    default        128       16       4       220 / 199        0       139400   54     3
     default        64        64       3       224 / 222        0       147592   48     3
     warp-spec.     128       16       4       168* / 168*      0       139708   54     3
     warp-spec.     64        64       3       168* / 168*      0       147900   48     3
     (* the kernel-wide cap of 12 warps; the compute warps run at 240 after setmaxnreg)
 
-fp16 inputs compile too (no fp16 copies of V and tV: 8 to 16 KiB less shared memory); ``tests/kernels/
-test_attention_gluon.py`` compiles every variant and asserts no spills, shared memory ≤ 232,448 B, HGMMA only,
-pendings = 3. No timing exists: the issue's targets (≥ 600 TFLOP/s fused at [2, 24, 1536, 128] and
-[1, 24, 4608, 128]) are untested.
+``block_n=32`` at head dim 128 (3 stages) compiles too: 253 / 242 registers, no spills, 180360 B. fp16 inputs
+compile too (no fp16 copies of V and tV: 8 to 16 KiB less shared memory). ``tests/kernels/test_attention_gluon.py``
+compiles every variant and asserts no spills, shared memory ≤ 232,448 B, HGMMA only, pendings = 3, and (default
+variant) exponentials between the two waits in SASS. No timing exists: the issue's targets (≥ 600 TFLOP/s fused
+at [2, 24, 1536, 128] and [1, 24, 4608, 128]) are untested.
 
 API differences handled: triton 3.6 names the TMA copies ``async_copy_global_to_shared`` /
 ``async_copy_shared_to_global`` and the CTA barrier ``thread_barrier``; 3.9 ``async_load`` / ``async_store`` /
@@ -385,12 +387,13 @@ if HAS_GLUON:
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
-#: (BLOCK_M, BLOCK_N, STAGES, num_warps) per head dim: two warpgroups of 64 query rows each; BLOCK_N and STAGES
-#: from the compile report (registers and shared memory, see the module docstring).
-_CONFIGS = {128: (128, 32, 3, 8), 64: (128, 64, 3, 8)}
-#: Warp-specialised: the compute warps get 240 registers (setmaxnreg), not 255, so head dim 128 takes 16-key tiles
-#: (32 spilled under triton 3.9) and a deeper ring.
-_WS_CONFIGS = {128: (128, 16, 4, 8), 64: (128, 64, 3, 8)}
+#: BLOCK_N each head dim may use, and the ring depth that goes with it (shared memory, see the module docstring).
+#: BLOCK_M is 128 (two warpgroups of 64 rows, 8 warps) throughout.
+_STAGES = {128: {16: 4, 32: 3}, 64: {32: 4, 64: 3}}
+#: Default BLOCK_N. Head dim 128 takes 16-key tiles: with 32 ptxas of triton 3.6 (the GPU image's) retires the
+#: P·V wgmmas before the softmax (0 of 18 exponentials overlapped; 3.9: 18 of 18); with 16 both overlap all 10.
+#: Warp-specialised (240 registers for the compute warps), 32-key tiles spilled under 3.9 as well.
+_BLOCK_N = {128: 16, 64: 64}
 _WS_MAXNREG = 168  # 168 · 12 warps · 32 lanes ≤ 65536 registers per SM (one CTA)
 
 
@@ -447,7 +450,7 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
 
 
 def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: bool = True,
-                        warp_specialize: bool = False):
+                        warp_specialize: bool = False, block_n: int | None = None):
     """``(o, to, lse)`` of attention and its tangent from the Gluon sm_90 kernel (opt-in; not verified on a GPU).
 
     Same contract as ``kernels.attention_jvp(..., return_lse=True)``: q, tq (B, H, Nq, D), k, v, tk, tv
@@ -460,6 +463,9 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: b
     65504) the kernel flags its rows; with ``overflow_fallback`` (default) a flagged call is recomputed by the
     Triton kernel (kernels.attention_jvp, bf16-operand fix-up), at the price of one host sync per bf16 call to read
     the flags. ``overflow_fallback=False`` skips the sync and leaves flagged rows non-finite.
+
+    ``warp_specialize`` selects the variant with a TMA producer warp; ``block_n`` (keys per tile: 16 or 32 at head
+    dim 128, 32 or 64 at head dim 64) overrides the default tile, for measuring on a GPU.
     """
     from kernels.attention import _check_attention_inputs, _empty_bnhd, _scale_of
 
@@ -470,13 +476,18 @@ def attention_jvp_gluon(q, k, v, tq, tk, tv, scale=None, *, overflow_fallback: b
     tv = torch.zeros_like(v) if tv is None else tv
     named = dict(q=q, k=k, v=v, tq=tq, tk=tk, tv=tv)
     _check_gluon_inputs("attention_jvp_gluon", named)
+    if block_n is not None and block_n not in _STAGES[q.shape[-1]]:
+        raise ValueError(f"attention_jvp_gluon: `block_n` must be one of {sorted(_STAGES[q.shape[-1]])} at head dim "
+                         f"{q.shape[-1]}, got {block_n!r}")
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     o, to = _empty_bnhd(q, n_q), _empty_bnhd(q, n_q)
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, to, lse
-    block_m, block_n, stages, num_warps = (_WS_CONFIGS if warp_specialize else _CONFIGS)[d]
+    block_m, num_warps = 128, 8
+    block_n = _BLOCK_N[d] if block_n is None else block_n
+    stages = _STAGES[d][block_n]
     pv_f16 = q.dtype == torch.bfloat16
     flags = torch.empty((b, h, n_q), dtype=torch.int32, device=q.device) if pv_f16 else lse
     sm_scale = _scale_of(q, scale)

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _compile_row(d: int, dtype_name: str, ws: bool) -> dict:
     """Capture the launcher's launch from empty CPU tensors (FLUX layout) and compile it for sm_90 with the compile
-    report's binder and analysis (registers, spills, shared memory, HGMMA, wgmma pendings). Runs in a child process
-    without TRITON_INTERPRET: under the interpreter Gluon's own library functions (gl.max, gl.sum) are interpreted
-    objects that the Gluon compiler rejects."""
+    report's binder and analysis (registers, spills, shared memory, HGMMA, wgmma pendings), plus the overlap seen in
+    SASS. Runs in a child process without TRITON_INTERPRET: under the interpreter Gluon's own library functions
+    (gl.max, gl.sum) are interpreted objects that the Gluon compiler rejects."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
     from bench import compile_report as cr
 
     dtype = getattr(torch, dtype_name)
@@ -62,7 +67,29 @@ def _compile_row(d: int, dtype_name: str, ws: bool) -> dict:
         ag.attention_jvp_gluon(q, k, v, q, k, v, overflow_fallback=False, warp_specialize=ws)
     assert [ln.name for ln in sink] == ["_attn_jvp_gluon_kernel"]
     (job,) = cr.build_jobs(sink)
-    return dict(cr._compile(job), module=ag.__name__)
+    options, signature, constexprs, attrs, _, flags = job["bound"]
+    kernel = triton.compile(GluonASTSource(job["launch"].jit_fn, signature, constexprs, attrs),
+                            target=GPUTarget("cuda", 90, 32), options=options.__dict__)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([cr._tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    return dict(cr.analyse(kernel), ok=True, module=ag.__name__, BLOCK_N=int(flags["BLOCK_N"]),
+                ex2_under_pv=_ex2_under_pv(sass))
+
+
+def _ex2_under_pv(sass: str) -> int:
+    """MUFU.EX2 (the softmax's exponentials) between the loop's ``WARPGROUP.DEPBAR.LE gsb0, 0x3`` (the Q·Kᵀ side
+    retired) and the next ``0x0`` (the P·V side retired): the exponentials that run while P·V is in flight."""
+    count, inside = 0, False
+    for line in sass.splitlines():
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x3" in line:
+            count, inside = 0, True
+        elif inside and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            return count
+        elif inside and "MUFU.EX2" in line:
+            count += 1
+    return -1  # no pendings-3 wait in the SASS at all
 
 
 def _run_uninterpreted(code: str) -> str:
@@ -96,6 +123,12 @@ def test_compiles_for_sm90_without_spills(d, dtype, ws):
     assert row["wgmma_max_pendings"] == 3  # tile j-1's three P·V-side wgmmas stay in flight under tile j's softmax
     assert row["UTMALDG"] > 0  # K/V tiles arrive by TMA
     assert row["num_warps"] == (12 if ws else 8)  # warp-specialised: + one 4-warp group holding the load warp
+    # The overlap itself, from SASS: exponentials between the two wgmma waits (BLOCK_N / 2 of P per thread, + 2 of
+    # the rescale). The default variant overlaps all of them at head dim 128 and some at 64 (ptxas' choice); the
+    # warp-specialised one may overlap none (see the module docstring), so only its waits are checked.
+    assert row["ex2_under_pv"] >= 0
+    if not ws:
+        assert row["ex2_under_pv"] >= (row["BLOCK_N"] // 2 if d == 128 else 1)
 
 
 @needs_gluon
