@@ -175,6 +175,8 @@ def test_unsupported_inputs_are_all_listed(monkeypatch):
     k64, v64 = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="`q`: TMA needs a 16-byte aligned base and strides"):
         ag.attention_jvp_gluon(wide, k64, v64, None, None, None)
+    with pytest.raises(ValueError, match=r"`block_n` must be one of \[32, 64\] at head dim 64, got 128"):
+        ag.attention_jvp_gluon(k64, k64, v64, None, None, None, block_n=128)
     with pytest.raises(ValueError, match="expected head dim"):  # kernels.attention's own checks run first
         ag.attention_jvp_gluon(q[..., :3], k, v, tq, tk, tv)
 
