@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -75,3 +76,28 @@ def test_autotune_choices_lists_only_tuned_kernels_that_ran():
     assert isinstance(choices, dict)
     if not torch.cuda.is_available():  # the interpreter never autotunes
         assert choices == {}
+
+
+def test_gluon_child_rows_are_kept_and_a_hang_is_killed(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "json.dump({'parity': [{'op': 'attention', 'passed': True}], 'timings': [], 'notes': ['n']}, open(out, 'w'))\n"
+        "if '--hang' in sys.argv:\n"
+        "    time.sleep(60)\n")
+    parity, timings, notes = gpu_check.gluon_rows(False, 30, [sys.executable, str(script)])
+    assert parity == [{"op": "attention", "passed": True}] and timings == [] and notes == ["n"]
+    parity, _, notes = gpu_check.gluon_rows(False, 2, [sys.executable, str(script), "--hang"])
+    assert parity and "killed after 2 s" in notes[0]  # what it wrote before hanging is kept
+
+
+def test_gluon_check_without_a_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the child measures for real")
+    from bench import gluon_check
+
+    out = tmp_path / "g.json"
+    assert gluon_check.main(["--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["parity"] == [] and "no CUDA device" in result["notes"][0]
