@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8.0", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8", "peft>=0.13"],
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8", "peft>=0.13"],
     "wandb": ["wandb>=0.17"],
     "prodigy": ["prodigyopt>=1.0"],
     "bench": ["pytest-benchmark>=5.0", "matplotlib>=3.8"],

@@ -19,8 +19,9 @@ so an unchanged kernel is never recompiled.
 What is measured, per compile: registers, stack and local-memory (STL/LDL) spills from ``cuobjdump`` of the cubin,
 shared memory vs the sm_90 per-block limit, HGMMA (wgmma) vs HMMA (mma.sync) counts in SASS, the deepest
 ``warp_group_dot_wait {pendings = n}`` (n > 0: a wgmma is still in flight while other work runs), global load
-widths, 64-bit integer divisions in PTX, reductions inside loops in TTGIR, and the lane use of row kernels
-(D / BLOCK_D). The rules that fail the report (exit code 1) are in :func:`violations`.
+widths, 64-bit integer divisions in PTX, reductions inside loops in TTGIR, and the lane use of row kernels (the
+share of a program's lanes holding distinct data, from the launch's BLOCK_D, CHUNKS, rows and num_warps; see
+:func:`lane_use`). The rules that fail the report (exit code 1) are in :func:`violations`.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ HGMMA_MODULES = ("kernels.attention",)  # module-name prefixes (kernels.attentio
 # Rules (pure functions of a row; tested on synthetic rows)
 # ----------------------------------------------------------------------------------------------------------------
 def violations(row: dict) -> list[str]:
-    """Why a compiled row cannot ship: failed compile, spills, shared memory over the sm_90 limit, or an attention
-    matmul that is not HGMMA. An empty list means the row passes."""
+    """Why a compiled row cannot ship: failed compile, spills, shared memory over the sm_90 limit, an attention
+    matmul that is not HGMMA, or a row kernel leaving lanes without data at its width (every width the report drives
+    is one FLUX runs: D = 64, 128, 3072, 12288). An empty list means the row passes."""
     if not row.get("ok"):
         return [f"compile failed: {(row.get('error') or 'no result').splitlines()[0][:200]}"]
     found = []
@@ -70,6 +72,8 @@ def violations(row: dict) -> list[str]:
     if str(row.get("module", "")).startswith(HGMMA_MODULES) and row.get("ttgir_dots", 0) > 0:
         if row.get("HMMA", 0) > 0 or row.get("HGMMA", 0) == 0:
             found.append(f"matmul not all HGMMA (HGMMA {row.get('HGMMA', 0)}, HMMA {row.get('HMMA', 0)})")
+    if row.get("lane_use") is not None and row["lane_use"] < 1.0:
+        found.append(f"lane use {row['lane_use']} < 1.0 (lanes masked or replicated at this width)")
     return found
 
 
@@ -274,6 +278,14 @@ def _op_scenarios(op, fn, jvp_fn, primals, tangents, grad_shape, interleaved=Fal
     return [(op, "jvp", jvp), (op, "func.jvp", func_jvp), (op, "backward", backward)]
 
 
+def _gluon_jvp(*qkv_tqkv, ws=False):
+    from kernels.attention_gluon import HAS_GLUON, attention_jvp_gluon
+
+    if HAS_GLUON:  # a triton without Gluon has nothing to compile here
+        # No fallback: the captured launch never runs, so its overflow flags are uninitialised memory.
+        attention_jvp_gluon(*qkv_tqkv, overflow_fallback=False, warp_specialize=ws)
+
+
 def flux_scenarios(head_dims=(128, 64)):
     """``(op, mode, callable)`` driving every public launcher with empty CPU tensors in FLUX layouts (bf16)."""
     import torch
@@ -293,6 +305,9 @@ def flux_scenarios(head_dims=(128, 64)):
 
         out += _op_scenarios(f"attention_d{d}", kernels.attention, kernels.attention_jvp, qkv, qkv,
                              lambda d=d: e(B, N, H, d).transpose(1, 2))  # dL/dO in FLUX's (B, L, H, D) memory
+        # The opt-in Gluon sm_90 kernel (kernels.attention_gluon): its launcher directly, fused primal + tangent.
+        out.append((f"attention_gluon_d{d}", "jvp", lambda qkv=qkv: _gluon_jvp(*qkv(), *qkv())))
+        out.append((f"attention_gluon_ws_d{d}", "jvp", lambda qkv=qkv: _gluon_jvp(*qkv(), *qkv(), ws=True)))
 
         def qknr(grad, d=d):  # x: the projection output (B, L_img, H·D); tables sliced at the text offset
             return e(B, N_IMG, H * d, grad=grad), e(d, grad=grad), e(N, d, dtype=f32)[N_TXT:], \
@@ -303,9 +318,9 @@ def flux_scenarios(head_dims=(128, 64)):
     out += _op_scenarios("rope_d128", kernels.rope, kernels.rope_jvp,
                          lambda g: (e(B, H, N, 128, grad=g), e(N, 128, dtype=f32), e(N, 128, dtype=f32)),
                          lambda: (e(B, H, N, 128),), (B, H, N, 128))
-    # FLUX's RMSNorms: the qk-norm rows (D = 128) and hidden-width rows (D = 3072). 12288 is the MLP width (GELU),
-    # beyond rms_norm's fused limit by design (it raises and points to the reference).
-    for d, shape in ((128, (B, H, N, 128)), (3072, (B, N, 3072))):
+    # FLUX's RMSNorms: the qk-norm rows (D = 128) and hidden-width rows (D = 3072); 12288 (the MLP width) is the
+    # widest row rms_norm fuses (three register chunks of 4096; layer_norm_modulate stops at 8192).
+    for d, shape in ((128, (B, H, N, 128)), (3072, (B, N, 3072)), (12288, (B, N, 12288))):
         out += _op_scenarios(f"rms_norm_d{d}", kernels.rms_norm, kernels.rms_norm_jvp,
                              lambda g, d=d, s=shape: (e(*s, grad=g), e(d, grad=g)), lambda s=shape: (e(*s),), shape)
     for d in (3072, 128):
@@ -386,8 +401,11 @@ def _compile(job) -> dict:
     from triton.compiler import ASTSource
 
     options, signature, constexprs, attrs, _, _ = job["bound"]
+    fn = job["launch"].jit_fn
+    if getattr(fn, "is_gluon", lambda: False)():  # @gluon.jit kernels are lowered from Gluon IR, not TTIR
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     t0 = time.time()
-    kernel = triton.compile(ASTSource(job["launch"].jit_fn, signature, constexprs, attrs),
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32), options=options.__dict__)
     return {"ok": True, "compile_s": round(time.time() - t0, 1), **analyse(kernel)}
 
@@ -449,6 +467,8 @@ def run_jobs(jobs, n_parallel: int, timeout: float, cache_dir: Path | None) -> l
 
 
 def _mode(name: str, flags: dict) -> str:
+    if name.startswith("_attn_jvp_gluon"):
+        return "fwd+tangent" + (" ws" if flags.get("WARP_SPECIALIZE") else "")
     if name.startswith("_attn_fwd"):
         return "tangent(LSE)" if flags.get("FIXED_LSE") else ("fwd+tangent" if flags.get("WRITE_TO") else "primal")
     on = [k for k, v in flags.items() if v is True and not k.startswith(("BLOCK", "EVEN"))]
@@ -458,6 +478,10 @@ def _mode(name: str, flags: dict) -> str:
 def _config(flags: dict, job: dict) -> str:
     tiles = [f"{short}{flags[k]}" for k, short in (("BLOCK_M", "BM"), ("BLOCK_N", "BN"), ("BLOCK_ROWS", "R"),
                                                   ("BLOCK_D", "D")) if k in flags]
+    if int(flags.get("CHUNKS", 1)) > 1:  # a row held as CHUNKS register tiles of BLOCK_D lanes: D1024x3
+        tiles[-1] += f"x{flags['CHUNKS']}"
+    if "STAGES" in flags:  # Gluon kernels pipeline by hand: their ring depth, not Triton's num_stages
+        return " ".join(tiles + [f"w{job['num_warps']} ring{flags['STAGES']}"])
     variant = "".join(tag for k, tag in (("PIPELINE", "+P"), ("MERGE", "+M")) if flags.get(k) is True)  # attention
     return " ".join(tiles + [f"w{job['num_warps']}s{job['num_stages']}"]) + (f" {variant}" if variant else "")
 
@@ -503,7 +527,9 @@ def build_report(head_dims=(128, 64), only: str | None = None, jobs: int = 2, ti
                "scenarios": job["scenarios"], "mode": _mode(ln.name, flags), "config": _config(flags, job),
                "flags": {k: str(v) for k, v in flags.items()}, "configs_pruned_away": job["pruned_away"], **res}
         if "BLOCK_D" in flags and "attention" not in row["op"]:
-            row["lane_use"] = lane_use(row["op"], int(flags["BLOCK_D"]))
+            rows_per_tile = int(flags.get("BLOCK_ROWS", flags.get("BLOCK_N", 1)))
+            row["lane_use"] = lane_use(row["op"], int(flags["BLOCK_D"]), int(flags.get("CHUNKS", 1)), rows_per_tile,
+                                       job["num_warps"])
         row["violations"] = violations(row)
         rows.append(row)
     return {"triton": triton.__version__, "torch": torch.__version__, "target": "cuda sm_90, warp 32",
@@ -514,14 +540,24 @@ def build_report(head_dims=(128, 64), only: str | None = None, jobs: int = 2, ti
             "rows": rows, "scenario_errors": errors}
 
 
-def lane_use(op: str, block_d: int) -> float | None:
-    """Fraction of a row kernel's BLOCK_D lanes that hold data for the op's width (``<name>_d<D>``): row kernels
-    tile D in power-of-two lanes, so D = 3072 in 4096 lanes leaves a quarter masked (0.75); 1.0 is no waste."""
+def lane_use(op: str, block_d: int, chunks: int = 1, rows: int = 1, num_warps: int = 0) -> float | None:
+    """Fraction of a row kernel's lanes that hold distinct data at the op's width (``<name>_d<D>``); 1.0 is no waste.
+
+    A program holds ``rows`` × ``chunks`` × ``block_d`` lanes (``BLOCK_ROWS``/``BLOCK_N``, ``CHUNKS``, ``BLOCK_D``
+    from the launch); D is covered by ``ceil(D / (chunks·block_d))`` such tiles (one for a whole-row kernel, several
+    for an elementwise kernel tiling D over the grid), so D = 3072 in one block of 4096 lanes leaves a quarter masked
+    (0.75) and 3 chunks of 1024 none. A chunk tile with fewer elements than the program's ``32·num_warps`` threads is
+    replicated across them (Triton's layouts cover every thread), so only that share of the lanes holds distinct data.
+    """
     width = re.search(r"_d(\d+)$", op)
     if not width:
         return None
     d = int(width.group(1))
-    return round(d / (block_d * -(-d // block_d)), 3)
+    lanes = block_d * chunks
+    use = d / (lanes * -(-d // lanes))
+    if num_warps:
+        use *= min(1.0, rows * block_d / (32 * num_warps))
+    return round(use, 3)
 
 
 def _loads(row) -> str:

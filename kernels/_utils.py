@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -11,8 +12,12 @@ from kernels._runtime import tl, triton
 
 __all__ = [
     "MAX_FUSED_D",
+    "MAX_CHUNKS",
+    "MAX_FUSED_D_CHUNKED",
+    "MAX_PER_THREAD",
     "MAX_ROWS",
     "RowLayout",
+    "RowTile",
     "accumulator_dtype",
     "check_row_count",
     "elementwise_tile",
@@ -24,9 +29,16 @@ __all__ = [
     "shared_row_layout",
 ]
 
-#: Widest row a fused row kernel (norms, RoPE) holds in registers: one program owns whole rows, so the statistics of
-#: a row need no second pass over memory. 8192 fp32 values is 16 per thread at 16 warps; wider rows would spill.
+#: Widest row a fused row kernel (norms, RoPE) holds in registers by default: one program owns whole rows, so the
+#: statistics of a row need no second pass over memory. 8192 fp32 values is 16 per thread at 16 warps.
 MAX_FUSED_D = 8192
+#: The limit for a kernel that opts in (rms_norm): 12288 (FLUX's MLP width) is 3 chunks of 4096, 24 fp32 values per
+#: thread per row tensor at 16 warps. At 16 warps a thread has at most 128 registers: the sm_90 compile report shows
+#: rms_norm's backward (two row tensors and a partial) within them, layer_norm_modulate's (two more partials)
+#: spilling, so that op keeps :data:`MAX_FUSED_D`.
+MAX_FUSED_D_CHUNKED = 12288
+#: Elements of one row tile per thread that :func:`row_tile` allows when it trades warps for load width.
+MAX_PER_THREAD = 24
 
 
 def accumulator_dtype(dtype: torch.dtype):
@@ -54,23 +66,69 @@ def empty_like_contiguous(shape: tuple[int, ...], like: torch.Tensor) -> torch.T
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def row_tile(n_cols: int, op: str, max_elements: int = 4096) -> tuple[int, int, int]:
-    """``(BLOCK_ROWS, BLOCK_D, num_warps)`` for a kernel that keeps whole rows of ``n_cols`` in registers.
+class RowTile(NamedTuple):
+    """How a row kernel tiles whole rows: ``BLOCK_ROWS`` rows × ``CHUNKS`` register chunks of ``BLOCK_D`` lanes."""
 
-    ``BLOCK_D = next_power_of_2(n_cols)`` (one row per tile row, masked past ``n_cols``); ``BLOCK_ROWS`` fills the
-    tile to about ``max_elements`` (the multi-row variant for narrow rows such as FLUX's qk-norm, D = 128: one program
-    per row would leave most lanes idle); 16 elements per thread sets ``num_warps`` (4 to 16). Only ``n_cols`` shapes
-    the tile, so row counts never trigger a recompile. Raises ``RuntimeError`` above :data:`MAX_FUSED_D`.
+    block_rows: int
+    block_d: int
+    chunks: int
+    num_warps: int
+
+
+#: Narrowest chunk :func:`_chunking` splits a row into: below it the unrolled code per chunk outweighs the lanes it
+#: saves (rows that narrow already share a program in the multi-row tile).
+MIN_CHUNK_D = 128
+#: At most this many register chunks per row (each chunk is unrolled code; 3 covers FLUX's 3072 and 12288).
+MAX_CHUNKS = 8
+
+
+def _chunking(n_cols: int, max_chunks: int) -> tuple[int, int]:
+    """``(BLOCK_D, CHUNKS)``: the fewest power-of-two lanes ``CHUNKS·BLOCK_D ≥ n_cols`` (fewer chunks on ties)."""
+    best = (triton.next_power_of_2(max(n_cols, 1)), 1)
+    for chunks in range(2, max_chunks + 1):
+        block = triton.next_power_of_2(triton.cdiv(n_cols, chunks))
+        if block < MIN_CHUNK_D or triton.cdiv(n_cols, block) < chunks:  # too narrow, or the last chunk is empty
+            continue
+        if block * chunks < best[0] * best[1]:
+            best = (block, chunks)
+    return best
+
+
+def row_tile(n_cols: int, op: str, max_elements: int = 4096, max_chunks: int = 1, max_d: int = MAX_FUSED_D) -> RowTile:
+    """The :class:`RowTile` of a kernel that keeps whole rows of ``n_cols`` in registers.
+
+    ``tl.arange`` needs power-of-two sizes, so a row is held as ``CHUNKS`` tensors of ``BLOCK_D`` lanes (a Triton
+    tuple, unrolled): the fewest lanes that cover the row (:func:`_chunking`), so D = 3072 is 3 × 1024 and 12288 is
+    3 × 4096 with no masked lane, where one power-of-two block (4096, 16384) masks a quarter of them. ``max_chunks =
+    1`` (a kernel without chunk loops) gives ``BLOCK_D = next_power_of_2(n_cols)``, masked past ``n_cols``.
+    ``BLOCK_ROWS`` (a power of two) fills the tile to about ``max_elements`` (the multi-row variant for narrow rows
+    such as FLUX's qk-norm, D = 128: one program per row would leave most lanes idle). ``num_warps`` is the fewest
+    (4 to 16) giving at most 16 elements per thread (24 at 16 warps for D = 12288), halved while a chunk has fewer
+    than 8 per thread and the whole tile stays within :data:`MAX_PER_THREAD` per thread (why: 8 bf16 lanes make one
+    128-bit load; Triton's coalescing narrows the vector when a chunk has fewer elements per thread). Only
+    ``n_cols`` shapes the tile, so row counts never trigger a recompile. Raises ``RuntimeError`` above ``max_d`` (at
+    most :data:`MAX_FUSED_D_CHUNKED`, and only with chunks above :data:`MAX_FUSED_D`: one block of 16384 lanes would
+    be 32 values per thread).
     """
-    if n_cols > MAX_FUSED_D:
+    assert max_d <= (MAX_FUSED_D_CHUNKED if max_chunks > 1 else MAX_FUSED_D)
+    if n_cols > max_d:
         raise RuntimeError(
-            f"{op}: the last dim D = {n_cols} exceeds the fused limit of {MAX_FUSED_D} (a row must fit in one "
+            f"{op}: the last dim D = {n_cols} exceeds the fused limit of {max_d} (a row must fit in one "
             f"program's registers); use the reference `kernels.reference` for wider rows"
         )
-    block_d = triton.next_power_of_2(max(n_cols, 1))
-    block_rows = max(1, max_elements // block_d)
-    num_warps = max(4, min(16, block_rows * block_d // 512))
-    return block_rows, block_d, num_warps
+    block_d, chunks = _chunking(n_cols, max_chunks)
+    block_rows = _prev_power_of_2(max(1, max_elements // (block_d * chunks)))
+    per_chunk = block_rows * block_d
+    num_warps = max(4, min(16, triton.next_power_of_2(triton.cdiv(per_chunk * chunks, 512))))
+    # Halve while a chunk gives a thread fewer than 8 elements and the halved count (16·num_warps threads) keeps the
+    # whole tile within MAX_PER_THREAD per thread.
+    while num_warps > 4 and per_chunk < 8 * 32 * num_warps and per_chunk * chunks <= MAX_PER_THREAD * 16 * num_warps:
+        num_warps //= 2
+    return RowTile(block_rows, block_d, chunks, num_warps)
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
 
 
 #: Programs per reduction when there is no GPU to size for (the interpreter runs programs one after another).
@@ -184,3 +242,71 @@ def check_row_count(op: str, n_rows: int) -> None:
     """Raise ``ValueError`` when ``n_rows`` exceeds :data:`MAX_ROWS` (32-bit row indices in the kernels)."""
     if n_rows > MAX_ROWS:
         raise ValueError(f"{op}: expected at most {MAX_ROWS} rows (product of the leading dims), got {n_rows}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows held as CHUNKS register tensors (see row_tile): a Triton tuple, unrolled at compile time
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def chunk_mask(row_mask, D, c: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(rows, BLOCK_D) mask of chunk ``c``: a valid row and a column below D (false only in the last chunk's tail)."""
+    offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    return row_mask[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
+def load_chunks(ptr, row_offs, row_mask, stride_d, D, ACC: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows starting at ``ptr + row_offs`` (element stride ``stride_d``) as a tuple of CHUNKS (rows, BLOCK_D) tensors
+    in ACC, chunk c holding columns [c·BLOCK_D, (c + 1)·BLOCK_D); masked rows and columns past D hold 0."""
+    out = ()
+    for c in tl.static_range(CHUNKS):
+        offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = chunk_mask(row_mask, D, c, BLOCK_D)
+        out = out + (tl.load(ptr + row_offs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(ACC),)
+    return out
+
+
+@triton.jit
+def load_vector_chunks(ptr, stride_d, D, ACC: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (D,) vector (a weight, a per-sample modulation row) as a tuple of CHUNKS (BLOCK_D,) tensors; 0 past D."""
+    out = ()
+    for c in tl.static_range(CHUNKS):
+        offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        out = out + (tl.load(ptr + offs_d * stride_d, mask=offs_d < D, other=0.0).to(ACC),)
+    return out
+
+
+@triton.jit
+def store_chunk(ptr, row_offs, row_mask, D, value, c: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store chunk ``c`` of rows starting at ``ptr + row_offs`` with unit column stride (outputs are row-major)."""
+    offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    tl.store(ptr + row_offs[:, None] + offs_d[None, :], value.to(ptr.dtype.element_ty),
+             mask=chunk_mask(row_mask, D, c, BLOCK_D))
+
+
+@triton.jit
+def row_sum(a, CHUNKS: tl.constexpr):
+    """Σ over a row held as chunks. The chunks share one layout, so they are added lane by lane first and reduced
+    once (why: each tl.sum over a row spread across warps is a shared-memory round trip and a barrier)."""
+    total = a[0]
+    for c in tl.static_range(1, CHUNKS):
+        total += a[c]
+    return tl.sum(total, axis=1)
+
+
+@triton.jit
+def row_dot(a, b, CHUNKS: tl.constexpr):
+    """Σ a⊙b over a row held as chunks (one cross-warp reduction, as :func:`row_sum`)."""
+    total = a[0] * b[0]
+    for c in tl.static_range(1, CHUNKS):
+        total += a[c] * b[c]
+    return tl.sum(total, axis=1)
+
+
+@triton.jit
+def zero_chunks(BLOCK_ROWS: tl.constexpr, ACC: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """CHUNKS zero (BLOCK_ROWS, BLOCK_D) tensors: the loop-carried 2-D partial sums of a backward."""
+    out = ()
+    for c in tl.static_range(CHUNKS):
+        out = out + (tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=ACC),)
+    return out

@@ -62,6 +62,7 @@ follows the Triton fused-attention tutorial; the code is our own.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -285,6 +286,10 @@ def _attention_fwd_jvp(
     tv: torch.Tensor | None, scale: float, round_f16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused primal + tangent: ``(o, to, lse)`` from one pass over K/V."""
+    if os.environ.get("T2I_ATTENTION_BACKEND", "").strip().lower() == "gluon":  # opt-in, see kernels.attention_gluon
+        from kernels.attention_gluon import attention_jvp_gluon  # not the default: no GPU has verified it yet
+
+        return attention_jvp_gluon(q, k, v, tq, tk, tv, scale)
     return _launch_fwd(q, k, v, tq, tk, tv, None, None, scale, True, True, True, round_f16)  # type: ignore
 
 

@@ -155,9 +155,9 @@ def _qk_norm_rope_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     w = tl.load(W + offs_d * stride_wd, mask=mask_d, other=0.0).to(ACC)
-    # dw stays 1-D here, reduced per tile: a 2-D partial (as in rms_norm) costs 16 more fp32 registers per thread
-    # and the sm_90 compile report measured it spilling (8 B, triton 3.9) in this register-heavy kernel.
-    dw = tl.zeros((BLOCK_D,), dtype=ACC)
+    # dw partials stay 2-D across the loop and are reduced over rows once at the end: a per-tile tl.sum(axis=0)
+    # crosses warps (shared memory + a barrier every tile).
+    dw = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     n_blocks = tl.cdiv(N, BLOCK_N)
     # Tile indices are 32-bit (the launcher checks n_tiles < 2³¹): a 64-bit division is a subroutine on NVIDIA
     # GPUs and this loop decomposes every tile index; only the offsets below are int64.
@@ -185,7 +185,7 @@ def _qk_norm_rope_bwd_kernel(
             n_w = n
             if ROUND_TO_W:
                 n_w = n.to(W.dtype.element_ty).to(ACC)
-            dw += tl.sum(g_r * n_w, axis=0)
+            dw += g_r * n_w
         if NEED_DX:
             g_n = g_r * w[None, :]
             c = tl.sum(g_n * n, axis=1) / D
@@ -193,7 +193,7 @@ def _qk_norm_rope_bwd_kernel(
             dx_offs = b * stride_dxb + h * stride_dxh + offs_n[:, None] * stride_dxn + offs_d[None, :]
             tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
     if NEED_DW:
-        tl.store(DW_PART + pid * stride_p + offs_d, dw, mask=mask_d)
+        tl.store(DW_PART + pid * stride_p + offs_d, tl.sum(dw, axis=0), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def _launch_fwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     check_launchable("qk_norm_rope", _qk_norm_rope_fwd_kernel, x.device)
     batch, heads, n, d = _out_shape(x, weight)
-    block_n, block_d, num_warps = row_tile(d, "qk_norm_rope")
+    block_n, block_d, _, num_warps = row_tile(d, "qk_norm_rope")
     out_dtype = rms_output_dtype(x.dtype, weight.dtype)
     y = torch.empty((batch, heads, n, d), dtype=out_dtype, device=x.device) if write_primal else None
     ty = torch.empty((batch, heads, n, d), dtype=out_dtype, device=x.device) if write_tangent else None
@@ -351,7 +351,11 @@ def _qk_norm_rope_bwd(
     """``(dx, dweight)``, dx in x's shape; a gradient not needed comes back as an empty (0,) tensor."""
     check_launchable("qk_norm_rope backward", _qk_norm_rope_bwd_kernel, x.device)
     batch, heads, n, d = _out_shape(x, weight)
-    block_n, block_d, num_warps = row_tile(d, "qk_norm_rope backward")
+    # Half the forward's tile at 8 elements per thread (one 128-bit bf16 load per tensor): the 2-D dw partial then
+    # fits in 64 registers under triton 3.6 and 3.9; the forward's 32 × 128 tile at 16 per thread spilled 8 B of
+    # stack under 3.9 with it (sm_90 compile report).
+    block_n, block_d, _, _ = row_tile(d, "qk_norm_rope backward", max_elements=2048)
+    num_warps = max(4, min(16, block_n * block_d // 256))
     dx, dweight = _fake_bwd(grad_out, x, weight, cos, sin, eps, need_dx, need_dweight)
     if x.numel() == 0 or not (need_dx or need_dweight):
         return dx, dweight.zero_()

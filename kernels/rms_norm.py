@@ -25,11 +25,17 @@ API:
 Launchers are ``torch.library`` custom ops so that Triton never sees functorch wrappers (see
 :mod:`kernels._custom_ops`).
 
-Limits: D ≤ 8192 (:data:`kernels._utils.MAX_FUSED_D`; a row lives in registers, so statistics take no second pass;
-wider rows raise ``RuntimeError``). Narrow rows (D ≤ 2048) use the multi-row tile of :func:`kernels._utils.row_tile`
-(FLUX's D = 128: 32 rows per program). x may have any rank ≥ 1 and any strides whose leading dims merge into three
-(every rank ≤ 4 view, e.g. ``(B, N, H, D).transpose(1, 2)``); anything else raises ``ValueError`` instead of copying.
-Outputs are row-major. ``dw`` is reduced deterministically (per-program partial sums, then one ordered sum).
+Limits and tiling: D ≤ 12288 (:data:`kernels._utils.MAX_FUSED_D_CHUNKED`; a row lives in registers, so statistics
+take no second pass; wider rows raise ``RuntimeError``). :func:`kernels._utils.row_tile` holds a row as ``CHUNKS``
+register tiles of ``BLOCK_D`` power-of-two lanes, the fewest lanes that cover D: FLUX's D = 3072 is 3 × 1024 lanes
+on 4 warps and 12288 is 3 × 4096 on 16 warps, 24 values per thread per row tensor and no masked lane (one block of
+4096 lanes masked a quarter of them); other widths mask at most the tail of the last chunk. Narrow rows use the
+multi-row tile (FLUX's D = 128: 32 rows per program, one chunk). sm_90 compile report (project CPU machine, no GPU;
+triton 3.9 and 3.6): no spills at D = 128, 3072, 12288; 127–128 registers for the backward at 3072 and 12288 (its
+128-register cap at 16 warps), 80 for the forward with tangent at 3072; 128-bit loads throughout. x may have any
+rank ≥ 1 and any strides whose leading dims merge into three (every rank ≤ 4 view, e.g. ``(B, N, H, D).transpose(1,
+2)``); anything else raises ``ValueError`` instead of copying. Outputs are row-major. ``dw`` is reduced
+deterministically (2-D per-program partials summed over rows once after the loop, then one ordered sum).
 Verified on the CPU interpreter in fp32/fp64; fp16/bf16 parity is GPU-only (``pytest -m gpu``).
 """
 
@@ -44,13 +50,20 @@ from kernels._checks import FLOAT_DTYPES, InputChecks
 from kernels._custom_ops import grad_or_placeholder, kernel_op
 from kernels._runtime import check_launchable, tl, triton
 from kernels._utils import (
+    MAX_CHUNKS,
+    MAX_FUSED_D_CHUNKED,
     accumulator_dtype,
     check_row_count,
+    load_chunks,
+    load_vector_chunks,
     reduction_split,
+    row_dot,
     row_layout,
     row_offsets,
     row_tile,
     shared_row_layout,
+    store_chunk,
+    zero_chunks,
 )
 
 __all__ = ["RMSNormFunction", "RMSNormJVPFunction", "rms_norm", "rms_norm_jvp"]
@@ -83,43 +96,47 @@ def _rms_norm_fwd_kernel(
     eps,
     WRITE_PRIMAL: tl.constexpr, WRITE_TANGENT: tl.constexpr,
     HAS_TX: tl.constexpr, HAS_TW: tl.constexpr, ROUND_TO_W: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    """BLOCK_ROWS whole rows: y = round_w(x·ρ)·w and/or ty = round_w(tx·ρ − x·ρ³·mean(x⊙tx))·w + round_w(x·ρ)·tw."""
+    """BLOCK_ROWS whole rows: y = round_w(x·ρ)·w and/or ty = round_w(tx·ρ − x·ρ³·mean(x⊙tx))·w + round_w(x·ρ)·tw.
+
+    A row is CHUNKS register tensors of BLOCK_D lanes (:func:`kernels._utils.row_tile`; 3 × 1024 for D = 3072)."""
     # int64 offsets: B·H·N·D exceeds 2³¹ elements at large batch × 1024 px.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask = (rows[:, None] < n_rows) & mask_d[None, :]
-
-    x_offs = row_offsets(rows, R1, R2, stride_x0, stride_x1, stride_x2)[:, None] + offs_d[None, :] * stride_xd
-    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-    rho = tl.rsqrt(rms_stats(x, D) + eps)
-    n = x * rho[:, None]
-    if ROUND_TO_W:
-        # The reference casts the normalised value to a half-precision weight's dtype before × weight.
-        n = n.to(W.dtype.element_ty).to(ACC)
-    w = tl.load(W + offs_d * stride_wd, mask=mask_d, other=0.0).to(ACC)
-    y_offs = rows[:, None] * D + offs_d[None, :]
+    row_mask = rows < n_rows
+    x_offs = row_offsets(rows, R1, R2, stride_x0, stride_x1, stride_x2)
+    x = load_chunks(X, x_offs, row_mask, stride_xd, D, ACC, CHUNKS, BLOCK_D)
+    rho = tl.rsqrt(row_dot(x, x, CHUNKS) / D + eps)
+    w = load_vector_chunks(W, stride_wd, D, ACC, CHUNKS, BLOCK_D)
+    n = ()
+    for c in tl.static_range(CHUNKS):
+        n_c = x[c] * rho[:, None]
+        if ROUND_TO_W:
+            # The reference casts the normalised value to a half-precision weight's dtype before × weight.
+            n_c = n_c.to(W.dtype.element_ty).to(ACC)
+        n = n + (n_c,)
+    y_offs = rows * D
 
     if WRITE_PRIMAL:
-        tl.store(Y + y_offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+        for c in tl.static_range(CHUNKS):
+            store_chunk(Y, y_offs, row_mask, D, n[c] * w[c][None, :], c, BLOCK_D)
     if WRITE_TANGENT:
-        ty = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=ACC)
         if HAS_TX:
-            tx_offs = (
-                row_offsets(rows, R1, R2, stride_tx0, stride_tx1, stride_tx2)[:, None] + offs_d[None, :] * stride_txd
-            )
-            tx = tl.load(TX + tx_offs, mask=mask, other=0.0).to(ACC)
-            x_dot_tx = tl.sum(x * tx, axis=1) / D
-            tn = tx * rho[:, None] - x * (rho * rho * rho * x_dot_tx)[:, None]
-            if ROUND_TO_W:
-                tn = tn.to(W.dtype.element_ty).to(ACC)
-            ty += tn * w[None, :]
+            tx_offs = row_offsets(rows, R1, R2, stride_tx0, stride_tx1, stride_tx2)
+            tx = load_chunks(TX, tx_offs, row_mask, stride_txd, D, ACC, CHUNKS, BLOCK_D)
+            rho3_x_dot_tx = rho * rho * rho * (row_dot(x, tx, CHUNKS) / D)
         if HAS_TW:
-            tw = tl.load(TW + offs_d * stride_twd, mask=mask_d, other=0.0).to(ACC)
-            ty += n * tw[None, :]
-        tl.store(TY + y_offs, ty.to(TY.dtype.element_ty), mask=mask)
+            tw = load_vector_chunks(TW, stride_twd, D, ACC, CHUNKS, BLOCK_D)
+        for c in tl.static_range(CHUNKS):
+            ty = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=ACC)
+            if HAS_TX:
+                tn = tx[c] * rho[:, None] - x[c] * rho3_x_dot_tx[:, None]
+                if ROUND_TO_W:
+                    tn = tn.to(W.dtype.element_ty).to(ACC)
+                ty += tn * w[c][None, :]
+            if HAS_TW:
+                ty += n[c] * tw[c][None, :]
+            store_chunk(TY, y_offs, row_mask, D, ty, c, BLOCK_D)
 
 
 @triton.jit
@@ -132,39 +149,47 @@ def _rms_norm_bwd_kernel(
     stride_wd, stride_p,
     eps, tiles_per_program,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, ROUND_TO_W: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     """A contiguous range of row tiles: dx = ρ·(g_n − n·mean(g_n⊙n)) per row; this program's share of dw = Σ g·n_w."""
     pid = tl.program_id(0)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    w = tl.load(W + offs_d * stride_wd, mask=mask_d, other=0.0).to(ACC)
+    w = load_vector_chunks(W, stride_wd, D, ACC, CHUNKS, BLOCK_D)
     # dw partials stay 2-D across the loop and are reduced over rows once at the end: a per-tile tl.sum(axis=0)
     # crosses warps (shared memory + a barrier every tile) for rows spread over several warps.
-    dw = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=ACC)
+    dw = zero_chunks(BLOCK_ROWS, ACC, CHUNKS, BLOCK_D)
     tile_start = pid.to(tl.int64) * tiles_per_program  # int64 start: the loop index (and row offsets) are int64
     tile_end = tl.minimum(tile_start + tiles_per_program, tl.cdiv(n_rows, BLOCK_ROWS))
     for tile in range(tile_start, tile_end):
         rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        mask = (rows[:, None] < n_rows) & mask_d[None, :]
-        g_offs = row_offsets(rows, R1, R2, stride_g0, stride_g1, stride_g2)[:, None] + offs_d[None, :] * stride_gd
-        x_offs = row_offsets(rows, R1, R2, stride_x0, stride_x1, stride_x2)[:, None] + offs_d[None, :] * stride_xd
-        g = tl.load(G + g_offs, mask=mask, other=0.0).to(ACC)
-        x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-        rho = tl.rsqrt(rms_stats(x, D) + eps)  # recomputed: x is read anyway, so statistics cost no traffic
-        n = x * rho[:, None]
+        row_mask = rows < n_rows
+        g = load_chunks(G, row_offsets(rows, R1, R2, stride_g0, stride_g1, stride_g2), row_mask, stride_gd, D,
+                        ACC, CHUNKS, BLOCK_D)
+        x = load_chunks(X, row_offsets(rows, R1, R2, stride_x0, stride_x1, stride_x2), row_mask, stride_xd, D,
+                        ACC, CHUNKS, BLOCK_D)
+        rho = tl.rsqrt(row_dot(x, x, CHUNKS) / D + eps)  # recomputed: x is read anyway, so statistics cost no traffic
+        n = ()
+        for c in tl.static_range(CHUNKS):
+            n = n + (x[c] * rho[:, None],)
         if NEED_DW:
-            n_w = n
-            if ROUND_TO_W:
-                n_w = n.to(W.dtype.element_ty).to(ACC)
-            dw += g * n_w
+            new_dw = ()
+            for c in tl.static_range(CHUNKS):
+                n_w = n[c]
+                if ROUND_TO_W:
+                    n_w = n_w.to(W.dtype.element_ty).to(ACC)
+                new_dw = new_dw + (dw[c] + g[c] * n_w,)
+            dw = new_dw
         if NEED_DX:
-            g_n = g * w[None, :]
-            c = tl.sum(g_n * n, axis=1) / D
-            dx = rho[:, None] * (g_n - n * c[:, None])
-            tl.store(DX + rows[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            g_n = ()
+            for c in tl.static_range(CHUNKS):
+                g_n = g_n + (g[c] * w[c][None, :],)
+            mean_gn_n = row_dot(g_n, n, CHUNKS) / D
+            for c in tl.static_range(CHUNKS):
+                dx = rho[:, None] * (g_n[c] - n[c] * mean_gn_n[:, None])
+                store_chunk(DX, rows * D, row_mask, D, dx, c, BLOCK_D)
     if NEED_DW:
-        tl.store(DW_PART + pid * stride_p + offs_d, tl.sum(dw, axis=0), mask=mask_d)
+        for c in tl.static_range(CHUNKS):
+            offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            tl.store(DW_PART + pid * stride_p + offs_d, tl.sum(dw[c], axis=0), mask=offs_d < D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +261,7 @@ def _launch_fwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     check_launchable("rms_norm", _rms_norm_fwd_kernel, x.device)
     d = x.shape[-1]
-    block_rows, block_d, num_warps = row_tile(d, "rms_norm")
+    block_rows, block_d, chunks, num_warps = row_tile(d, "rms_norm", max_chunks=MAX_CHUNKS, max_d=MAX_FUSED_D_CHUNKED)
     out_dtype = rms_output_dtype(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device) if write_primal else None
     ty = torch.empty(x.shape, dtype=out_dtype, device=x.device) if write_tangent else None
@@ -255,7 +280,8 @@ def _launch_fwd(
         eps,
         WRITE_PRIMAL=write_primal, WRITE_TANGENT=write_tangent,
         HAS_TX=tx is not None, HAS_TW=tweight is not None, ROUND_TO_W=weight.dtype in HALF_DTYPES,
-        ACC=_acc(x.dtype, weight.dtype), BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
+        ACC=_acc(x.dtype, weight.dtype), BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+        CHUNKS=chunks, num_warps=num_warps,
     )
     return y, ty
 
@@ -311,7 +337,9 @@ def _rms_norm_bwd(
     """``(dx, dweight)``; a gradient that is not needed comes back as an empty (0,) tensor (ops cannot return None)."""
     check_launchable("rms_norm backward", _rms_norm_bwd_kernel, x.device)
     d = x.shape[-1]
-    block_rows, block_d, num_warps = row_tile(d, "rms_norm backward")
+    block_rows, block_d, chunks, num_warps = row_tile(
+        d, "rms_norm backward", max_chunks=MAX_CHUNKS, max_d=MAX_FUSED_D_CHUNKED
+    )
     dx, dweight = _fake_bwd(grad_out, x, weight, eps, need_dx, need_dweight)
     if x.numel() == 0 or not (need_dx or need_dweight):
         return dx, dweight.zero_()
@@ -332,7 +360,8 @@ def _rms_norm_bwd(
         weight.stride(0), partial.stride(0),
         eps, tiles_per_program,
         NEED_DX=need_dx, NEED_DW=need_dweight, ROUND_TO_W=weight.dtype in HALF_DTYPES,
-        ACC=_acc(x.dtype, weight.dtype), BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
+        ACC=_acc(x.dtype, weight.dtype), BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+        CHUNKS=chunks, num_warps=num_warps,
     )
     if need_dweight:
         dweight = partial.sum(dim=0).to(weight.dtype)  # ordered sum of per-program partials: deterministic

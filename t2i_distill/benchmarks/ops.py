@@ -294,7 +294,9 @@ OPS: dict[str, OpSpec] = {
         _explicit(kernels.attention_jvp, (0, 1, 2, "t0", "t1", "t2")),
         _explicit(ref.attention_jvp, (0, 1, 2, "t0", "t1", "t2")),
         _attention_work, cpu_shapes=[(1, 2, 70, 32)],
-        gpu_shapes=[(2, 24, 1280, 128), (2, 24, 1536, 128), (1, 24, 4352, 128), (1, 24, 4608, 128)],
+        # FLUX's 512/1024 px at 256 and 512 text tokens, and issue 12's head-dim-64 anchor shape (the best public Triton
+        # JVP kernel's, docs/anchors.md).
+        gpu_shapes=[(2, 24, 1280, 128), (2, 24, 1536, 128), (1, 24, 4352, 128), (1, 24, 4608, 128), (1, 32, 8192, 64)],
         extra_cases=_attention_extra_cases, extra_pairs=_attention_extra_pairs,
     ),
     "rms_norm": OpSpec(

@@ -373,7 +373,7 @@ def _load_models(model: str, dtype: torch.dtype, device, revision, variant, vae:
                                                  variant=variant)
     if not vae:
         return text_encoders, None
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, revision=revision,
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype, revision=revision,
                                         variant=variant).to(device).eval().requires_grad_(False)
     return text_encoders, vae
 

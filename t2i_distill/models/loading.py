@@ -260,7 +260,7 @@ def load_student(
         revision=revision,
         variant=variant,
         cache_dir=cache_dir,
-        torch_dtype=torch_dtype,
+        dtype=torch_dtype,  # diffusers deprecates `torch_dtype=` (0.42 takes both)
         output_loading_info=True,
         time_scale=float(time_scale),
         **overrides,

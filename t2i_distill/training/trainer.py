@@ -259,7 +259,7 @@ def train(args, on_finish=None) -> dict:
         text_encoders = TextEncoders.from_pretrained(args.pretrained_model_name_or_path, dtype=teacher_dtype,
                                                      device=device, revision=args.revision, variant=args.variant)
         vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                            torch_dtype=teacher_dtype, revision=args.revision).to(device)
+                                            dtype=teacher_dtype, revision=args.revision).to(device)
         vae.requires_grad_(False).eval()
         null = text_encoders.encode([" "], args.max_sequence_length) if args.method == "meanflow" else None
         null_condition = None if null is None else (null.prompt_embeds, null.pooled_prompt_embeds)

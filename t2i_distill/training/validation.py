@@ -33,7 +33,7 @@ class Validator:
                                                          device=device, revision=args.revision, variant=args.variant)
         if vae is None:
             vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                                torch_dtype=dtype, revision=args.revision).to(device)
+                                                dtype=dtype, revision=args.revision).to(device)
         self.text_encoders, self.vae, self.pipe = text_encoders, vae, None
         self.guidance = args.validation_guidance_scale
         if self.guidance is None:

@@ -36,10 +36,16 @@ def test_clean_row_passes():
     ({"shared": cr.SM90_MAX_SMEM + 1}, f"shared memory {cr.SM90_MAX_SMEM + 1} B > sm_90 limit"),
     ({"module": "kernels.attention", "ttgir_dots": 4, "HGMMA": 6, "HMMA": 2}, "matmul not all HGMMA (HGMMA 6, HMMA 2)"),
     ({"module": "kernels.attention", "ttgir_dots": 4, "HGMMA": 0, "HMMA": 0}, "matmul not all HGMMA (HGMMA 0"),
+    ({"lane_use": 0.75}, "lane use 0.75 < 1.0 (lanes masked or replicated"),
 ])
 def test_each_rule_fires(over, fragment):
     found = cr.violations(_row(**over))
     assert len(found) == 1 and found[0].startswith(fragment), found
+
+
+def test_full_lanes_and_kernels_without_a_width_pass_the_lane_rule():
+    assert cr.violations(_row(lane_use=1.0)) == []
+    assert cr.violations(_row(lane_use=None)) == []  # attention rows and ops without a _d<D> suffix
 
 
 def test_mma_sync_is_allowed_outside_attention_and_dotless_attention_kernels_pass():
@@ -117,11 +123,26 @@ def test_ptx_stats_counts_64_bit_divisions_only():
 
 
 def test_lane_use_shows_the_masked_quarter_of_a_3072_wide_row():
-    assert cr.lane_use("rms_norm_d3072", 4096) == 0.75
+    assert cr.lane_use("rms_norm_d3072", 4096) == 0.75  # one power-of-two block for the whole row
     assert cr.lane_use("gelu_tanh_d12288", 1024) == 1.0  # 12 column tiles of 1024, none partial
-    assert cr.lane_use("layer_norm_modulate_d3072", 1024) == 1.0
     assert cr.lane_use("rope_d96", 64) == 0.75  # two tiles of 64 for 96 columns
     assert cr.lane_use("no_width", 128) is None
+
+
+def test_lane_use_counts_every_chunk_of_a_chunked_row():
+    assert cr.lane_use("rms_norm_d3072", 1024, chunks=3) == 1.0  # 3 register chunks of 1024
+    assert cr.lane_use("rms_norm_d12288", 4096, chunks=3) == 1.0
+    assert cr.lane_use("layer_norm_modulate_d700", 256, chunks=3) == round(700 / 768, 3)  # ragged last chunk
+    assert cr.lane_use("rms_norm_d3072", 1024, chunks=4) == 0.75  # a fourth chunk past D is masked
+    assert cr.lane_use("rms_norm_d12288", 4096, chunks=2) == 0.75  # 2 of 4096 per tile: 12288 in two tiles of 8192
+
+
+def test_lane_use_counts_lanes_replicated_across_threads():
+    # 1 × 1024 elements on 8 warps (256 threads) fill them; on 64 warps' worth (2048 threads) half are copies.
+    assert cr.lane_use("rms_norm_d3072", 1024, chunks=3, rows=1, num_warps=8) == 1.0
+    assert cr.lane_use("rms_norm_d3072", 1024, chunks=3, rows=1, num_warps=64) == 0.5
+    assert cr.lane_use("qk_norm_rope_d128", 128, rows=1, num_warps=8) == 0.5  # 128 elements on 256 threads
+    assert cr.lane_use("qk_norm_rope_d128", 128, rows=16, num_warps=8) == 1.0
 
 
 def test_real_sm90_compile_end_to_end(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -49,3 +50,54 @@ def test_plot_writes_a_png_from_the_json(tmp_path):
     png = tmp_path / "check.png"
     assert plot.main([str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_headline_derives_issue_12s_attention_figures_from_the_rows():
+    shape = [1, 32, 8192, 64]
+
+    def row(mode, provider, ms, **extra):
+        return {"op": "attention", "shape": shape, "mode": mode, "provider": provider, "p50_ms": ms, **extra}
+
+    timings = [row("fwd+jvp", "ours", 2.0, tflops=550.0), row("fwd+jvp", "ours (torch.func.jvp)", 2.5),
+               row("fwd+jvp", "math sdpa (torch.func.jvp)", 80.0), row("fwd", "ours", 1.0),
+               row("fwd+bwd", "ours", 4.0), row("fwd", "sdpa", 0.5), row("fwd+bwd", "sdpa", 2.9)]
+    parity = [{"op": "attention", "shape": shape, "quantity": "tangent ‖err‖/‖fp32‖", "kernel_error": 1.6e-3,
+               "bound": 1.7e-3}]
+    table = {figure: (value, target) for figure, value, target in gpu_check._headline(timings, [], None, parity)}
+    assert table[f"attention_jvp {shape}"] == ("550 TFLOP/s, 40x math SDPA under torch.func.jvp",
+                                                "≥ 550 TFLOP/s, ≥ 30x")
+    assert table[f"attention torch.func.jvp / fused {shape}"] == ("80% of the fused kernel's speed", "≥ 85%")
+    assert table[f"attention backward vs SDPA's {shape}"] == ("0.80x SDPA's speed", "≥ 0.8x")  # 2.4 ms vs 3.0 ms
+    assert table[f"attention tangent error {shape}"] == ("0.0016", "≤ 0.0017")
+
+
+def test_autotune_choices_lists_only_tuned_kernels_that_ran():
+    choices = gpu_check.autotune_choices()
+    assert isinstance(choices, dict)
+    if not torch.cuda.is_available():  # the interpreter never autotunes
+        assert choices == {}
+
+
+def test_gluon_child_rows_are_kept_and_a_hang_is_killed(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "json.dump({'parity': [{'op': 'attention', 'passed': True}], 'timings': [], 'notes': ['n']}, open(out, 'w'))\n"
+        "if '--hang' in sys.argv:\n"
+        "    time.sleep(60)\n")
+    parity, timings, notes = gpu_check.gluon_rows(False, 30, [sys.executable, str(script)])
+    assert parity == [{"op": "attention", "passed": True}] and timings == [] and notes == ["n"]
+    parity, _, notes = gpu_check.gluon_rows(False, 2, [sys.executable, str(script), "--hang"])
+    assert parity and "killed after 2 s" in notes[0]  # what it wrote before hanging is kept
+
+
+def test_gluon_check_without_a_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the child measures for real")
+    from bench import gluon_check
+
+    out = tmp_path / "g.json"
+    assert gluon_check.main(["--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["parity"] == [] and "no CUDA device" in result["notes"][0]

@@ -17,8 +17,10 @@ from kernels.testing import assert_parity
 from tests.helpers import LAYOUTS, f64, leaves, make
 
 OP = "layer_norm_modulate"
-# (B, N, D): a single element (x̂ = 0); ragged everything; a width past a power of two; FLUX's width, ragged rows.
-SHAPES = [(1, 1, 1), (2, 17, 48), (3, 5, 257), (2, 3, 3072)]
+# (B, N, D): a single element (x̂ = 0); ragged everything; a width past a power of two; FLUX's width, ragged rows
+# (3 register chunks of 1024); 3 chunks of 128 in a multi-row tile with a partial last tile; 3 chunks of 256 whose
+# last one is ragged (700 columns); 3 chunks of 2048 (6144; 12288 is above this op's fused limit).
+SHAPES = [(1, 1, 1), (2, 17, 48), (3, 5, 257), (2, 3, 3072), (2, 5, 384), (1, 3, 700), (1, 2, 6144)]
 DTYPES = [torch.float32, torch.float64]
 #: Modulation forms: (scale, shift) per sample (B, D) as AdaLN-Zero, shared (D,), or one of each.
 FORMS = {"per-sample": (True, True), "shared": (False, False), "mixed": (True, False)}
@@ -178,11 +180,13 @@ def _two_programs_per_group(n_tiles: int, groups: int, device: torch.device) -> 
     return -(-n_tiles // tiles_per_program), tiles_per_program
 
 
+# 300 rows of 48 per sample: 5 tiles of 64 → 3 + 2; 35 rows of 3 chunks of 128: 5 tiles of 8 → 3 + 2 (loop-carried
+# chunks).
+@pytest.mark.parametrize("shape", [(2, 300, 48), (2, 35, 384)], ids=str)
 @pytest.mark.parametrize("form", FORMS)
-def test_modulation_gradients_with_several_tiles_per_program(form, monkeypatch, device):
+def test_modulation_gradients_with_several_tiles_per_program(form, shape, monkeypatch, device):
     monkeypatch.setattr(importlib.import_module("kernels.layer_norm_modulate"), "reduction_split",
                         _two_programs_per_group)
-    shape = (2, 300, 48)  # 300 rows per sample: 5 tiles of 64 → 3 + 2 per sample
     x, _, scale, _, shift, _ = _inputs(shape, torch.float64, device, "contiguous", form)
     grad = make(shape, torch.float64, device)
     ours, truth = leaves(x, scale, shift), leaves(x, scale, shift)

@@ -16,8 +16,9 @@ from kernels.testing import assert_parity
 from tests.helpers import LAYOUTS, f64, leaves, make, rope_tables
 
 OP = "qk_norm_rope"
-# (B, N, H, D): one pair per head; ragged sequence, heads and width; FLUX's head dim, ragged sequence (multi-row tile).
-SHAPES = [(1, 3, 2, 2), (2, 17, 3, 48), (1, 9, 2, 128)]
+# (B, N, H, D): one pair per head; ragged sequence, heads and width; FLUX's head dim, ragged sequence (multi-row tile);
+# FLUX's head dim over two forward tiles of 32 tokens and three backward tiles of 16, the last one ragged.
+SHAPES = [(1, 3, 2, 2), (2, 17, 3, 48), (1, 9, 2, 128), (1, 37, 2, 128)]
 DTYPES = [torch.float32, torch.float64]
 #: The projection output as the processor has it, (B, N, H·D), or already split into heads, (B, N, H, D).
 FORMS = ["flat", "heads"]
@@ -148,10 +149,14 @@ def _two_programs_per_group(n_tiles: int, groups: int, device: torch.device) -> 
     return -(-n_tiles // tiles_per_program), tiles_per_program
 
 
-def test_weight_gradient_with_several_tiles_per_program(monkeypatch, device):
+# (B, N, H, D): 2·1·3 = 6 tiles → 3 + 3; FLUX's head dim in the backward's 16-token tiles, 2·3·3 = 18 tiles → 9 + 9,
+# each program's 2-D dw partial carried over tiles from several heads and token blocks, the last block ragged.
+@pytest.mark.parametrize("shape", [(2, 40, 3, 16), (2, 37, 3, 128)], ids=str)
+def test_weight_gradient_with_several_tiles_per_program(shape, monkeypatch, device):
     monkeypatch.setattr(importlib.import_module("kernels.qk_norm_rope"), "reduction_split", _two_programs_per_group)
-    x, _, weight, cos, sin = _inputs((2, 40, 3, 16), torch.float64, device, "contiguous")  # 2·1·3 = 6 tiles: 3 + 3
-    grad = make((2, 3, 40, 16), torch.float64, device)
+    b, n, h, d = shape
+    x, _, weight, cos, sin = _inputs(shape, torch.float64, device, "contiguous")
+    grad = make((b, h, n, d), torch.float64, device)
     ours, truth = leaves(x, weight), leaves(x, weight)
     kernels.qk_norm_rope(*ours, cos, sin).backward(grad)
     qk_norm_rope_ref(*truth, cos, sin).backward(grad)

@@ -11,14 +11,16 @@ import torch.autograd.forward_ad as fwAD
 
 import kernels
 from kernels import reference as ref
-from kernels._utils import MAX_FUSED_D
+from kernels._utils import MAX_FUSED_D_CHUNKED as MAX_FUSED_D
 from kernels.testing import assert_parity
 from tests.helpers import LAYOUTS, f64, leaves, make
 
 OP = "rms_norm"
 # x shapes (..., D): one element; ragged rows and width; FLUX's qk-norm (B, H, N, 128) with a ragged sequence (the
-# multi-row tile, with a partial last tile); a ragged width past a power of two; FLUX's hidden width, odd row count.
-SHAPES = [(1, 1), (3, 17, 48), (2, 3, 13, 128), (5, 257), (3, 3072)]
+# multi-row tile, with a partial last tile); a ragged width past a power of two; FLUX's hidden width, odd row count
+# (3 register chunks of 1024); 3 chunks of 128 in a multi-row tile with a partial last tile; 3 chunks of 256 whose
+# last one is ragged (700 columns); the MLP width 12288 (3 chunks of 4096).
+SHAPES = [(1, 1), (3, 17, 48), (2, 3, 13, 128), (5, 257), (3, 3072), (2, 5, 384), (3, 700), (2, 12288)]
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -158,10 +160,12 @@ def _two_programs_per_group(n_tiles: int, groups: int, device: torch.device) -> 
     return -(-n_tiles // tiles_per_program), tiles_per_program
 
 
-def test_weight_gradient_with_several_tiles_per_program(monkeypatch, device):
+# 280 rows of 48: 5 tiles of 64 → 3 + 2; 35 rows of 3 chunks of 128: 5 tiles of 8 rows → 3 + 2 (loop-carried chunks).
+@pytest.mark.parametrize("shape", [(7, 40, 48), (7, 5, 384)], ids=str)
+def test_weight_gradient_with_several_tiles_per_program(shape, monkeypatch, device):
     monkeypatch.setattr(importlib.import_module("kernels.rms_norm"), "reduction_split", _two_programs_per_group)
-    x, _, weight = _inputs((7, 40, 48), torch.float64, device, "contiguous")  # 280 rows: 5 tiles of 64 → 3 + 2
-    grad = make((7, 40, 48), torch.float64, device)
+    x, _, weight = _inputs(shape, torch.float64, device, "contiguous")
+    grad = make(shape, torch.float64, device)
     ours, truth = leaves(x, weight), leaves(x, weight)
     kernels.rms_norm(*ours).backward(grad)
     ref.rms_norm(*truth).backward(grad)

@@ -4,6 +4,7 @@ compute the same tangent, failing cases become rows, and pytest-benchmark JSON n
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,9 +66,12 @@ def test_a_failing_case_becomes_a_row_with_its_error():
 
 def test_pytest_benchmark_json_names_every_benchmark_with_its_provider(tmp_path):
     out = tmp_path / "bench.json"
+    # Under pytest-xdist the worker's PYTEST_XDIST_* variables would make the inner run's pytest-benchmark think it
+    # is a worker too, and it then disables timing: the inner run is a plain pytest.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     done = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
                            "-k", "gated_residual or attention", "--benchmark-json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     named = {(b["extra_info"]["op"], b["extra_info"]["mode"], b["extra_info"]["provider"])

@@ -166,11 +166,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "deepspeed"])
-def test_two_processes_train_and_agree(folder, images, tmp_path, backend):
+# FSDP2 also under the two kernel JVP modes: `func` runs torch.func.jvp over the sharded student, `dual` calls its
+# (sharded) submodules directly.
+@pytest.mark.parametrize(("backend", "jvp"), [("ddp", "reference"), ("fsdp2", "reference"), ("deepspeed", "reference"),
+                                              ("fsdp2", "func"), ("fsdp2", "dual")])
+def test_two_processes_train_and_agree(folder, images, tmp_path, backend, jvp):
     """torchrun, 2 gloo processes, 4 optimizer steps: finite losses and the same weights on both ranks."""
-    out = tmp_path / backend
-    extra = ["--max_train_steps", "4", "--jvp", "reference", "--checkpointing_steps", "4", "--backend", backend,
+    out = tmp_path / f"{backend}-{jvp}"
+    extra = ["--max_train_steps", "4", "--jvp", jvp, "--checkpointing_steps", "4", "--backend", backend,
              "--train_batch_size", "1"]
     if backend == "deepspeed":
         config = tmp_path / "ds.json"
