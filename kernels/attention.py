@@ -36,7 +36,12 @@ accuracy, and the inner loop exists once per kernel (the earlier in-kernel retry
 and ~2× the SASS). Emulated on the CPU (fp64 math with the kernel's roundings, B1·H4·N2048·D128 randn, relative
 L2 error of tO vs fp32 truth): output rounding alone 1.661e-3, fp16 operands 1.675e-3, bf16 operands 2.353e-3,
 bf16 hi/lo-split P 1.661e-3 at 1.5× the P·V-side FLOPs; the tangent kernel's use of the saved (bf16) O adds
-2e-6. fp16 operands are kept: within the 1.7e-3 bound at no extra FLOPs (GPU confirmation pending).
+2e-6. fp16 operands are kept: within the 1.7e-3 bound at no extra FLOPs (GPU confirmation pending). V and tV are
+converted to fp16 once per call by the launcher (the same rounding as in-kernel): converting them per tile in
+registers kept the P·V-side wgmmas synchronous; with fp16 tensors their tiles feed wgmma from the pipelined shared
+buffers (sm_90 compile report: async wgmma 0 → 1-2 and up to 9 % less SASS in most configs, see
+``bench/results/attention_variants_sm90.md``). The cost is one memory-bound copy of V and tV (~1-2 % at FLUX shapes,
+estimated from bytes, not measured).
 fp32 inputs use IEEE fp32 products (no TF32). Outputs are rounded once, to the input dtype.
 
 Layout and shapes: any strides with a unit last stride, so ``(B, N, H, D).transpose(1, 2)`` views work without
@@ -196,6 +201,16 @@ def _delta(t: torch.Tensor | None, base: torch.Tensor) -> int:
     return 0 if t is None else (t.data_ptr() - base.data_ptr()) // t.element_size()
 
 
+def _pv_operands(v: torch.Tensor, tv: torch.Tensor | None, guard: bool, round_f16: bool):
+    """V and tV as the guarded pass reads them: fp16 copies for bf16 inputs (strides kept), fp32 rounded through
+    fp16 under the ``round_f16`` emulation (tests), else the inputs themselves."""
+    if not guard:
+        return v, tv
+    if round_f16:
+        return tuple(None if t is None else t.to(torch.float16).to(t.dtype) for t in (v, tv))
+    return tuple(None if t is None else t.to(torch.float16) for t in (v, tv))
+
+
 def _precision(dtype: torch.dtype, round_f16: bool) -> dict[str, object]:
     """PV operand dtype, whether the fp16 overflow guard runs, and tl.dot precision for an input dtype (see the
     module docstring). ``round_f16`` (tests) emulates the fp16 operands of bf16 inputs with fp32 arithmetic."""
@@ -234,14 +249,24 @@ def _launch_fwd(q, k, v, tq, tk, tv, lse_in, o_in, scale, write_o, write_to, wri
     guard = precision.pop("guard")
     flags = torch.empty((b, h, n_q), dtype=torch.int32, device=q.device) if guard else lse
     to_buf = to if to is not None else o
-    merge_ok = tuning.merge_applicable(k, v, tk, tv)
-    args = (
-        q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv, o, to_buf, lse, flags,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *_strides3(tq, q), *_strides3(tk, k), *_strides3(tv, v),
-        *o.stride()[:3], *to_buf.stride()[:3],
-        h, n_q, n_k, scale, _delta(tk, k), _delta(tv, v), _bucket(n_q), _bucket(n_k), int(merge_ok),
-    )
+
+    def kernel_args(v, tv):
+        merge_ok = tuning.merge_applicable(k, v, tk, tv)
+        return merge_ok, (
+            q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv, o, to_buf, lse, flags,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *_strides3(tq, q), *_strides3(tk, k), *_strides3(tv, v),
+            *o.stride()[:3], *to_buf.stride()[:3],
+            h, n_q, n_k, scale, _delta(tk, k), _delta(tv, v), _bucket(n_q), _bucket(n_k), int(merge_ok),
+        )
+
+    # The guarded pass reads V and tV as fp16 tensors converted once here (a memory-bound pass, ~1-2 % of the
+    # attention's time at FLUX shapes) instead of converting every tile in registers: the P·V-side wgmmas then take
+    # V straight from the shared-memory buffers the loads fill, which Triton can keep in flight (the in-register
+    # conversion forced a register → shared round trip per tile and synchronous wgmmas; bench/results/
+    # attention_variants_sm90.md). Same rounding (RTNE), so the same numbers; an overflow to inf still flags the
+    # row, and the fix-up pass reads the original V and tV.
+    merge_ok, args = kernel_args(*_pv_operands(v, tv, guard, round_f16))
     flags_kw = dict(HEAD_DIM=d, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
                     WRITE_O=write_o, WRITE_TO=write_to, WRITE_LSE=write_lse, FIXED_LSE=fixed)
 
@@ -252,6 +277,8 @@ def _launch_fwd(q, k, v, tq, tk, tv, lse_in, o_in, scale, write_o, write_to, wri
     _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, *args, **flags_kw, **precision, variant=variant,
             GUARD=GUARD_RECORD if guard else GUARD_NONE)
     if guard:
+        merge_ok, args = kernel_args(v, tv)
+        variant = tuning.variant_flags(_INTERPRETER_VARIANT, merge_ok)
         fixup = dict(flags_kw, PV_DTYPE=_TL_DTYPE[q.dtype], GUARD=GUARD_FIXUP, ROUND_F16=False,
                      INPUT_PRECISION=precision["INPUT_PRECISION"])
         if _attn_fwd_tuned is None:

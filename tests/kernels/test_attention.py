@@ -406,3 +406,21 @@ def test_new_lengths_and_batch_sizes_do_not_recompile():
     for b, n in ((2, 1001), (3, 1003), (1, 777)):  # same power-of-two bucket (1024), new B and N
         run(b, n)
     assert compiled_variants() == compiled
+
+
+def test_guarded_pass_reads_v_and_tv_converted_once_with_their_strides():
+    """bf16 inputs: the guarded pass gets fp16 copies of V and tV made once by the launcher (same strides, so a
+    (B, N, H, D) view stays one), the fp32 emulation gets values rounded through fp16, unguarded dtypes the inputs."""
+    from kernels.attention import _pv_operands
+
+    v = torch.randn(2, 40, 3, 64).transpose(1, 2)  # FLUX's (B, N, H, D) memory viewed as (B, H, N, D)
+    v16, none = _pv_operands(v.to(torch.bfloat16), None, guard=True, round_f16=False)
+    assert none is None and v16.dtype == torch.float16 and v16.stride() == v.stride()
+    assert torch.equal(v16, v.to(torch.bfloat16).to(torch.float16))
+    v_big = v.clone()
+    v_big[0, 0, 0, 0] = 1e6  # beyond fp16: inf, which the guard flags; the fix-up pass reads the original
+    rounded, t_rounded = _pv_operands(v_big, v, guard=True, round_f16=True)
+    assert rounded.dtype == torch.float32 and torch.isinf(rounded[0, 0, 0, 0])
+    assert torch.equal(t_rounded, v.to(torch.float16).float()) and not torch.equal(t_rounded, v)
+    same_v, same_tv = _pv_operands(v, v_big, guard=False, round_f16=False)
+    assert same_v is v and same_tv is v_big
