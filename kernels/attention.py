@@ -39,7 +39,7 @@ bf16 hi/lo-split P 1.661e-3 at 1.5× the P·V-side FLOPs; the tangent kernel's u
 2e-6. fp16 operands are kept: within the 1.7e-3 bound at no extra FLOPs (GPU confirmation pending). V and tV are
 converted to fp16 once per call by the launcher (the same rounding as in-kernel): converting them per tile in
 registers kept the P·V-side wgmmas synchronous; with fp16 tensors their tiles feed wgmma from the pipelined shared
-buffers (sm_90 compile report: async wgmma 0 → 1-2 and up to 9 % less SASS in most configs, see
+buffers (sm_90 compile report: async wgmma 0 → 1-2 and up to 12 % less SASS in most configs, see
 ``bench/results/attention_variants_sm90.md``). The cost is one memory-bound copy of V and tV (~1-2 % at FLUX shapes,
 estimated from bytes, not measured).
 fp32 inputs use IEEE fp32 products (no TF32). Outputs are rounded once, to the input dtype.
