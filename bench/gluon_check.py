@@ -9,7 +9,8 @@ What it measures, for the default and the warp-specialised variant: parity of ``
 fp32 reference on GPUs, as :mod:`t2i_distill.benchmarks` does for every kernel) under the tolerance table, at ragged
 shapes and at the attention op's GPU (FLUX) shapes; then the fwd+jvp time of each variant, in the same rows and
 FLOP convention as the other attention providers (rCM's 12·B·H·N²·D). The JSON holds ``parity``, ``timings`` and
-``notes``; rows are written as they are produced, so a timeout still leaves what finished.
+``notes``; rows are written as they are produced, so a timeout still leaves what finished. ``--smoke`` runs one
+small shape per variant: the parent runs it first with a short timeout, so a hang costs a minute, not the budget.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def timing(shape, device, dtype, warp_specialize: bool, label: str, quick: bool)
     return timing_rows([case], device, quick=quick)
 
 
-def run(out: Path, quick: bool) -> int:
+def run(out: Path, quick: bool, smoke: bool = False) -> int:
     from t2i_distill.benchmarks.ops import OPS
 
     result: dict[str, list] = {"parity": [], "timings": [], "notes": []}
@@ -84,9 +85,10 @@ def run(out: Path, quick: bool) -> int:
         save()
         return 0
     device, dtype = torch.device("cuda"), torch.bfloat16
-    gpu_shapes = [tuple(s) for s in OPS["attention"].gpu_shapes]
+    gpu_shapes = [] if smoke else [tuple(s) for s in OPS["attention"].gpu_shapes]
+    ragged = RAGGED_SHAPES[:1] if smoke else RAGGED_SHAPES
     for label, ws in VARIANTS.items():
-        for shape in RAGGED_SHAPES + gpu_shapes:
+        for shape in ragged + gpu_shapes:
             try:
                 result["parity"] += parity(shape, device, dtype, ws, label)
             except Exception as exc:  # e.g. GluonUnavailableError on a non-sm_90 GPU: say so, keep going
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON path")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    parser.add_argument("--smoke", action="store_true", help="one small ragged shape per variant, no timing (a "
+                        "first call that shows within seconds whether the kernel hangs)")
     args = parser.parse_args(argv)
-    return run(Path(args.out), args.quick)
+    return run(Path(args.out), args.quick, args.smoke)
 
 
 if __name__ == "__main__":

@@ -254,16 +254,28 @@ def _headline(timings, steps, bandwidth, parity=()) -> list[list[str]]:
 def gluon_rows(quick: bool, timeout_s: int, command: list[str] | None = None) -> tuple[list, list, list[str]]:
     """Parity and timing rows of the Gluon attention from ``bench/gluon_check.py`` in a child process: a kernel that
     hangs (a barrier bug) is killed after ``timeout_s`` and costs only its own rows; what it wrote is kept."""
-    out = Path(tempfile.mkdtemp(prefix="t2i_gluon_")) / "gluon.json"
-    command = command or [sys.executable, str(HERE / "gluon_check.py"), *(["--quick"] if quick else [])]
-    notes = []
-    try:
-        done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0:
-            notes.append(f"gluon check exited {done.returncode}: {done.stderr.strip()[-400:]}")
-    except subprocess.TimeoutExpired:
-        notes.append(f"gluon check killed after {timeout_s} s (a hang?); the rows it finished are kept")
-    data = json.loads(out.read_text()) if out.is_file() else {}
+    script = [sys.executable, str(HERE / "gluon_check.py")]
+    notes: list[str] = []
+
+    def child(args: list[str], limit: int) -> tuple[dict, bool]:
+        """(what the child wrote, whether it finished in time)."""
+        out = Path(tempfile.mkdtemp(prefix="t2i_gluon_")) / "gluon.json"
+        finished = True
+        try:
+            done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, timeout=limit)
+            if done.returncode != 0:
+                notes.append(f"gluon check exited {done.returncode}: {done.stderr.strip()[-400:]}")
+        except subprocess.TimeoutExpired:
+            notes.append(f"gluon check killed after {limit} s (a hang?); the rows it finished are kept")
+            finished = False
+        return (json.loads(out.read_text()) if out.is_file() else {}), finished
+
+    if command is None:  # a small first call: a hang shows within a minute instead of eating the whole timeout
+        data, finished = child([*script, "--smoke"], min(60, timeout_s))
+        if not finished:
+            return data.get("parity", []), [], notes + data.get("notes", [])
+        command = [*script, *(["--quick"] if quick else [])]
+    data, _ = child(command, timeout_s)
     return data.get("parity", []), data.get("timings", []), notes + data.get("notes", [])
 
 

@@ -92,12 +92,13 @@ def test_gluon_child_rows_are_kept_and_a_hang_is_killed(tmp_path):
     assert parity and "killed after 2 s" in notes[0]  # what it wrote before hanging is kept
 
 
-def test_gluon_check_without_a_gpu_says_so(tmp_path):
+@pytest.mark.parametrize("smoke", [[], ["--smoke"]], ids=["full", "smoke"])
+def test_gluon_check_without_a_gpu_says_so(tmp_path, smoke):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the child measures for real")
     from bench import gluon_check
 
     out = tmp_path / "g.json"
-    assert gluon_check.main(["--out", str(out)]) == 0
+    assert gluon_check.main(["--out", str(out), *smoke]) == 0
     result = json.loads(out.read_text())
     assert result["parity"] == [] and "no CUDA device" in result["notes"][0]
