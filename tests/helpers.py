@@ -43,3 +43,19 @@ def rope_tables(n: int, d: int, dtype: torch.dtype, device: torch.device) -> tup
     angles = torch.randn(n, d // 2, dtype=torch.float64) * 3
     return (angles.cos().repeat_interleave(2, dim=1).to(device=device, dtype=dtype),
             angles.sin().repeat_interleave(2, dim=1).to(device=device, dtype=dtype))
+
+
+def assert_bf16_attention_parity(o, to, q, k, v, tq, tk, tv) -> float:
+    """bf16 attention output and tangent at a FLUX shape: the tangent's relative L2 error against fp32 truth within
+    the issue's bound, then the tolerance table against fp32 truth. Returns the relative error (tests print it)."""
+    from kernels import reference as ref
+    from kernels.testing import ATTENTION_BF16_TANGENT_REL_ERROR, assert_parity
+
+    fp32_o, fp32_t = ref.attention_jvp(*(t.float() for t in (q, k, v, tq, tk, tv)))
+    rel = ((to.float() - fp32_t).norm() / fp32_t.norm()).item()
+    print(f"{tuple(q.shape)}: tangent rel err {rel:.2e} (bound {ATTENTION_BF16_TANGENT_REL_ERROR})")
+    assert rel <= ATTENTION_BF16_TANGENT_REL_ERROR
+    same_o, same_t = ref.attention_jvp(q, k, v, tq, tk, tv)
+    assert_parity("attention", "out", o, same_o, fp32_o.double())
+    assert_parity("attention", "tangent", to, same_t, fp32_t.double())
+    return rel
