@@ -71,11 +71,22 @@ def test_headline_derives_issue_12s_attention_figures_from_the_rows():
     assert table[f"attention tangent error {shape}"] == ("0.0016", "≤ 0.0017")
 
 
-def test_autotune_choices_lists_only_tuned_kernels_that_ran():
+def test_autotune_choices_lists_the_config_each_tuned_kernel_picked(monkeypatch):
+    import types
+
+    import triton
+
+    from kernels.gated_residual import _gated_residual_fwd_kernel as some_kernel
+
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4)], key=["N"])(some_kernel)
+    tuned.cache = {(128, "torch.float32"): tuned.configs[0]}
+    idle = triton.autotune(configs=[triton.Config({"BLOCK": 32})], key=["N"])(some_kernel)  # never launched
+    fake = types.ModuleType("kernels._fake_tuned")
+    fake.tuned, fake.idle = tuned, idle
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
     choices = gpu_check.autotune_choices()
-    assert isinstance(choices, dict)
-    if not torch.cuda.is_available():  # the interpreter never autotunes
-        assert choices == {}
+    assert choices["kernels._fake_tuned.tuned"] == {"(128, 'torch.float32')": str(tuned.configs[0])}
+    assert "kernels._fake_tuned.idle" not in choices
 
 
 def test_gluon_child_rows_are_kept_and_a_hang_is_killed(tmp_path):
