@@ -470,7 +470,9 @@ def _mode(name: str, flags: dict) -> str:
     if name.startswith("_attn_jvp_gluon"):
         return "fwd+tangent" + (" ws" if flags.get("WARP_SPECIALIZE") else "")
     if name.startswith("_attn_fwd"):
-        return "tangent(LSE)" if flags.get("FIXED_LSE") else ("fwd+tangent" if flags.get("WRITE_TO") else "primal")
+        mode = "tangent(LSE)" if flags.get("FIXED_LSE") else ("fwd+tangent" if flags.get("WRITE_TO") else "primal")
+        # The fix-up pass (GUARD 2: flagged rows, input-dtype operands) can share a tile with a main-pass candidate.
+        return mode + (" fix-up" if flags.get("GUARD") == 2 else "")
     on = [k for k, v in flags.items() if v is True and not k.startswith(("BLOCK", "EVEN"))]
     return "+".join(on) or "-"
 

@@ -186,3 +186,12 @@ def test_config_names_the_attention_loop_variant():
     assert cr._config({"BLOCK_M": 128, "BLOCK_N": 32}, job) == "BM128 BN32 w8s3"
     assert cr._config({"BLOCK_M": 128, "BLOCK_N": 32, "PIPELINE": True, "MERGE": True}, job) == "BM128 BN32 w8s3 +P+M"
     assert cr._config({"BLOCK_M": 128, "BLOCK_N": 32, "PIPELINE": False}, job) == "BM128 BN32 w8s3"
+
+
+def test_attention_fix_up_pass_rows_are_labelled_apart_from_the_main_pass():
+    from bench import compile_report as cr
+
+    main = {"WRITE_TO": True, "FIXED_LSE": False, "GUARD": 1}
+    assert cr._mode("_attn_fwd_kernel", main) == "fwd+tangent"
+    assert cr._mode("_attn_fwd_kernel", {**main, "GUARD": 2}) == "fwd+tangent fix-up"
+    assert cr._mode("_attn_fwd_kernel", {"FIXED_LSE": True, "GUARD": 2}) == "tangent(LSE) fix-up"
