@@ -1,4 +1,4 @@
-"""Packaging for t2i-distill: the `kernels` (Triton ops) and `t2i_distill` (FLUX integration, CLI) packages."""
+"""Packaging for t2i-distill: the `t2i_kernels` (Triton ops) and `t2i_distill` (FLUX integration, CLI) packages."""
 
 from pathlib import Path
 
@@ -24,7 +24,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8", "peft>=0.13"],
+    # kernels: Hugging Face's hub-kernels loader (import name `kernels`, which transformers >= 5.25 requires);
+    # tests/test_coexistence.py proves our layer (`t2i_kernels`) and diffusers' FLUX work beside it.
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8", "peft>=0.13",
+            "kernels>=0.19"],
     "wandb": ["wandb>=0.17"],
     "prodigy": ["prodigyopt>=1.0"],
     "bench": ["pytest-benchmark>=5.0", "matplotlib>=3.8"],
@@ -42,7 +45,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # The two top-level packages and their subpackages (t2i_distill.models, ...).
-    packages=find_packages(include=["kernels", "kernels.*", "t2i_distill", "t2i_distill.*"]),
+    packages=find_packages(include=["t2i_kernels", "t2i_kernels.*", "t2i_distill", "t2i_distill.*"]),
     # The demo's shipped tiny teacher (a diffusers pipeline folder: configs, tokenizers, safetensors weights).
     package_data={"t2i_distill.demo": ["teacher/*.json", "teacher/*.png", "teacher/*/*"]},
     install_requires=INSTALL_REQUIRES,

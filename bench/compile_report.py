@@ -8,7 +8,7 @@
 How. The public APIs (``attention_jvp``, ``torch.func.jvp(attention)``, backward, the norm/RoPE/GELU ops and their
 ``*_jvp``) are driven with empty CPU tensors in FLUX layouts (bf16; B = 1, 24 heads, 4096 image + 512 text tokens;
 head dim 128 and 64; rows of D = 128, 3072, 12288) while every ``@triton.jit`` kernel and autotuner object in the
-``kernels`` modules is swapped for a recorder. So each recorded launch carries exactly the arguments the launcher
+``t2i_kernels`` modules is swapped for a recorder. So each recorded launch carries exactly the arguments the launcher
 would pass (pointer dtypes, strides, constexpr flags, num_warps). Each distinct launch is compiled with Triton's own
 binder (the path of ``JITFunction.run``) and ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``: an autotuned
 kernel once per config its own ``early_config_prune`` keeps (the autotuner may pick any of them), a plain kernel
@@ -51,7 +51,8 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 #: Bump when :func:`analyse` changes what it records: the result cache is keyed by it (version 1 adds nothing).
 ANALYSIS_VERSION = 1
 # Kernels whose matmuls must be wgmma (HGMMA) on Hopper: an mma.sync fallback caps them far below the tensor cores.
-HGMMA_MODULES = ("kernels.attention",)  # module-name prefixes (kernels.attention, kernels.attention_backward_kernels)
+# Module-name prefixes: t2i_kernels.attention, t2i_kernels.attention_backward_kernels, ...
+HGMMA_MODULES = ("t2i_kernels.attention",)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def recording(modules, sink, scenario):
     are sized for an H100's 132 SMs (what a real launch would compute). Everything is restored on exit."""
     import torch
 
-    import kernels._utils as utils
+    import t2i_kernels._utils as utils
 
     saved = []
 
@@ -279,7 +280,7 @@ def _op_scenarios(op, fn, jvp_fn, primals, tangents, grad_shape, interleaved=Fal
 
 
 def _gluon_jvp(*qkv_tqkv, ws=False):
-    from kernels.attention_gluon import HAS_GLUON, attention_jvp_gluon
+    from t2i_kernels.attention_gluon import HAS_GLUON, attention_jvp_gluon
 
     if HAS_GLUON:  # a triton without Gluon has nothing to compile here
         # No fallback: the captured launch never runs, so its overflow flags are uninitialised memory.
@@ -290,7 +291,7 @@ def flux_scenarios(head_dims=(128, 64)):
     """``(op, mode, callable)`` driving every public launcher with empty CPU tensors in FLUX layouts (bf16)."""
     import torch
 
-    import kernels
+    import t2i_kernels
 
     f32 = torch.float32
 
@@ -303,9 +304,9 @@ def flux_scenarios(head_dims=(128, 64)):
             v = e(B, N, H * d, grad=grad)
             return e(B, H, N, d, grad=grad), e(B, H, N, d, grad=grad), v.unflatten(-1, (H, d)).transpose(1, 2)
 
-        out += _op_scenarios(f"attention_d{d}", kernels.attention, kernels.attention_jvp, qkv, qkv,
+        out += _op_scenarios(f"attention_d{d}", t2i_kernels.attention, t2i_kernels.attention_jvp, qkv, qkv,
                              lambda d=d: e(B, N, H, d).transpose(1, 2))  # dL/dO in FLUX's (B, L, H, D) memory
-        # The opt-in Gluon sm_90 kernel (kernels.attention_gluon): its launcher directly, fused primal + tangent.
+        # The opt-in Gluon sm_90 kernel (t2i_kernels.attention_gluon): its launcher directly, fused primal + tangent.
         out.append((f"attention_gluon_d{d}", "jvp", lambda qkv=qkv: _gluon_jvp(*qkv(), *qkv())))
         out.append((f"attention_gluon_ws_d{d}", "jvp", lambda qkv=qkv: _gluon_jvp(*qkv(), *qkv(), ws=True)))
 
@@ -313,30 +314,30 @@ def flux_scenarios(head_dims=(128, 64)):
             return e(B, N_IMG, H * d, grad=grad), e(d, grad=grad), e(N, d, dtype=f32)[N_TXT:], \
                 e(N, d, dtype=f32)[N_TXT:]
 
-        out += _op_scenarios(f"qk_norm_rope_d{d}", kernels.qk_norm_rope, kernels.qk_norm_rope_jvp, qknr,
+        out += _op_scenarios(f"qk_norm_rope_d{d}", t2i_kernels.qk_norm_rope, t2i_kernels.qk_norm_rope_jvp, qknr,
                              lambda d=d: (e(B, N_IMG, H * d),), (B, H, N_IMG, d))
-    out += _op_scenarios("rope_d128", kernels.rope, kernels.rope_jvp,
+    out += _op_scenarios("rope_d128", t2i_kernels.rope, t2i_kernels.rope_jvp,
                          lambda g: (e(B, H, N, 128, grad=g), e(N, 128, dtype=f32), e(N, 128, dtype=f32)),
                          lambda: (e(B, H, N, 128),), (B, H, N, 128))
     # FLUX's RMSNorms: the qk-norm rows (D = 128) and hidden-width rows (D = 3072); 12288 (the MLP width) is the
     # widest row rms_norm fuses (three register chunks of 4096; layer_norm_modulate stops at 8192).
     for d, shape in ((128, (B, H, N, 128)), (3072, (B, N, 3072)), (12288, (B, N, 12288))):
-        out += _op_scenarios(f"rms_norm_d{d}", kernels.rms_norm, kernels.rms_norm_jvp,
+        out += _op_scenarios(f"rms_norm_d{d}", t2i_kernels.rms_norm, t2i_kernels.rms_norm_jvp,
                              lambda g, d=d, s=shape: (e(*s, grad=g), e(d, grad=g)), lambda s=shape: (e(*s),), shape)
     for d in (3072, 128):
         def lnm(grad, d=d):  # scale/shift: chunks of the AdaLN linear output (B, 6·D), row stride 6·D
             emb = e(B, 6 * d, grad=grad)
             return e(B, N, d, grad=grad), emb[:, d:2 * d], emb[:, :d]
 
-        out += _op_scenarios(f"layer_norm_modulate_d{d}", kernels.layer_norm_modulate,
-                             kernels.layer_norm_modulate_jvp, lnm, lambda lnm=lnm: lnm(False), (B, N, d), True)
-    out += _op_scenarios("gelu_tanh_d12288", kernels.gelu_tanh, kernels.gelu_tanh_jvp,
+        out += _op_scenarios(f"layer_norm_modulate_d{d}", t2i_kernels.layer_norm_modulate,
+                             t2i_kernels.layer_norm_modulate_jvp, lnm, lambda lnm=lnm: lnm(False), (B, N, d), True)
+    out += _op_scenarios("gelu_tanh_d12288", t2i_kernels.gelu_tanh, t2i_kernels.gelu_tanh_jvp,
                          lambda g: (e(B, N, 12288, grad=g),), lambda: (e(B, N, 12288),), (B, N, 12288))
 
     def gres(grad):  # gate: a chunk of the AdaLN output (B, 6·3072)
         return e(B, N_IMG, 3072, grad=grad), e(B, 6 * 3072, grad=grad)[:, 6144:9216], e(B, N_IMG, 3072, grad=grad)
 
-    out += _op_scenarios("gated_residual_d3072", kernels.gated_residual, kernels.gated_residual_jvp, gres,
+    out += _op_scenarios("gated_residual_d3072", t2i_kernels.gated_residual, t2i_kernels.gated_residual_jvp, gres,
                          lambda: gres(False), (B, N_IMG, 3072), True)
     return out
 
@@ -497,15 +498,15 @@ def build_report(head_dims=(128, 64), only: str | None = None, jobs: int = 2, ti
     import torch
     import triton
 
-    import kernels
-    from kernels._runtime import is_interpreted
-    from kernels.attention import _attn_fwd_kernel
+    import t2i_kernels
+    from t2i_kernels._runtime import is_interpreted
+    from t2i_kernels.attention import _attn_fwd_kernel
 
     if is_interpreted(_attn_fwd_kernel):
         raise RuntimeError("compile report: the kernels were imported under TRITON_INTERPRET=1; unset it (the "
                            "report compiles for sm_90, it never runs a kernel)")
     t_start = time.time()
-    modules = [importlib.import_module(f"kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
+    modules = [importlib.import_module(f"t2i_kernels.{m.name}") for m in pkgutil.iter_modules(t2i_kernels.__path__)]
     launches: list[_Launch] = []
     scenario = [""]
     errors = {}

@@ -2,7 +2,7 @@
 
     python bench/gluon_check.py --out gluon.json [--quick]     # what gpu_check.py launches, with a timeout
 
-Why a child process: :mod:`kernels.attention_gluon` has never run on a GPU, and a wrong mbarrier phase hangs a
+Why a child process: :mod:`t2i_kernels.attention_gluon` has never run on a GPU, and a wrong mbarrier phase hangs a
 kernel rather than failing it. The parent kills a child that outlives its timeout and keeps every other figure.
 
 What it measures, for the default and the warp-specialised variant: parity of ``o`` and ``to`` against truth (the
@@ -41,11 +41,11 @@ def _inputs(b, h, n_q, n_k, d, device, dtype, seed=0):
 
 
 def parity(shape, device, dtype, warp_specialize: bool, label: str) -> list[dict[str, object]]:
-    from kernels import reference as ref
-    from kernels.attention_gluon import attention_jvp_gluon
-    from kernels.testing import parity_report
     from t2i_distill.benchmarks.common import truth_dtype_for
     from t2i_distill.benchmarks.runner import parity_rows
+    from t2i_kernels import reference as ref
+    from t2i_kernels.attention_gluon import attention_jvp_gluon
+    from t2i_kernels.testing import parity_report
 
     b, h, n_q, n_k, d = shape if len(shape) == 5 else (*shape[:3], shape[2], shape[3])
     q, k, v, tq, tk, tv = _inputs(b, h, n_q, n_k, d, device, dtype)
@@ -60,9 +60,9 @@ def parity(shape, device, dtype, warp_specialize: bool, label: str) -> list[dict
 
 
 def timing(shape, device, dtype, warp_specialize: bool, label: str, quick: bool) -> list[dict[str, object]]:
-    from kernels.attention_gluon import attention_jvp_gluon
     from t2i_distill.benchmarks.common import TimingCase
     from t2i_distill.benchmarks.runner import timing_rows
+    from t2i_kernels.attention_gluon import attention_jvp_gluon
 
     b, h, n, d = shape
     q, k, v, tq, tk, tv = _inputs(b, h, n, n, d, device, dtype)

@@ -51,11 +51,11 @@ def _ensure_wheels() -> list[str]:
 
 INSTALLED_WHEELS = _ensure_wheels()
 
-from kernels.testing import ATTENTION_BF16_TANGENT_REL_ERROR, parity_report  # noqa: E402
 from t2i_distill.benchmarks.ops import OPS, attention_rel_tangent_error, op_parity, op_timing_cases  # noqa: E402
 from t2i_distill.benchmarks.runner import parity_rows, parity_table, timing_rows, timing_table  # noqa: E402
 from t2i_distill.tables import markdown_table  # noqa: E402
 from t2i_distill.timing import measure  # noqa: E402
+from t2i_kernels.testing import ATTENTION_BF16_TANGENT_REL_ERROR, parity_report  # noqa: E402
 
 #: Ops whose timing includes torch.compile of the reference (the norms' ≥ 1.5× target); compiling every op would
 #: cost minutes of a short GPU budget.
@@ -283,11 +283,11 @@ def autotune_choices() -> dict[str, dict[str, str]]:
     """The config each autotuned kernel picked, per tuning key: which tile and variant won on this GPU."""
     from triton.runtime.autotuner import Autotuner
 
-    import kernels
+    import t2i_kernels
 
     chosen: dict[str, dict[str, str]] = {}
     for module in list(sys.modules.values()):
-        if not getattr(module, "__name__", "").startswith(kernels.__name__ + "."):
+        if not getattr(module, "__name__", "").startswith(t2i_kernels.__name__ + "."):
             continue
         for name, obj in vars(module).items():
             if isinstance(obj, Autotuner) and getattr(obj, "cache", None):

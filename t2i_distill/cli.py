@@ -11,26 +11,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-
-def _enable_interpreter_without_gpu() -> bool:
-    """Turn on Triton's interpreter when there is no GPU, before any kernel module is imported.
-
-    Returns True when this call switched it on. Triton fixes the mode of a kernel when it is decorated, and anything
-    importing Triton first (diffusers does) would leave helpers compiled-mode, so :func:`main` calls this before it
-    imports anything else, for every command that launches kernels.
-    """
-    import torch
-
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"):
-        return False
-    if "kernels.gated_residual" in sys.modules or "triton" in sys.modules:
-        raise RuntimeError("Triton was imported before the interpreter could be enabled; set TRITON_INTERPRET=1")
-    os.environ["TRITON_INTERPRET"] = "1"
-    return True
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -127,8 +109,10 @@ _KERNEL_COMMANDS = ("parity", "steps", "train", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from t2i_distill.env import enable_interpreter_without_gpu  # imports torch only, never Triton
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in _KERNEL_COMMANDS and _enable_interpreter_without_gpu():
+    if argv[:1] and argv[0] in _KERNEL_COMMANDS and enable_interpreter_without_gpu():
         print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
     if argv[:1] == ["train"]:  # the trainer owns its (long) flag list and --config handling
         from t2i_distill.training.trainer import main as train_main

@@ -1,7 +1,7 @@
 """The parity report (``t2i-distill parity``): the benchmark suite at tiny shapes, parity verdicts and timings, one run.
 
 1. **Kernel parity**: every Triton kernel's output, tangent (explicit API, ``torch.func.jvp``, ``forward_ad``) and
-   gradients against float64 truth with the project's rule (``kernels.testing``), at ragged tiny shapes.
+   gradients against float64 truth with the project's rule (``t2i_kernels.testing``), at ragged tiny shapes.
 2. **Kernel timings**: ours vs the eager PyTorch reference (``torch.func.jvp`` of it for ``fwd+jvp``; math SDPA for
    attention) per mode.
 3. **Student steps** on an embedded tiny FLUX (random weights, no downloads): the sCM and MeanFlow student passes

@@ -48,8 +48,8 @@ def rope_tables(n: int, d: int, dtype: torch.dtype, device: torch.device) -> tup
 def assert_bf16_attention_parity(o, to, q, k, v, tq, tk, tv) -> float:
     """bf16 attention output and tangent at a FLUX shape: the tangent's relative L2 error against fp32 truth within
     the issue's bound, then the tolerance table against fp32 truth. Returns the relative error (tests print it)."""
-    from kernels import reference as ref
-    from kernels.testing import ATTENTION_BF16_TANGENT_REL_ERROR, assert_parity
+    from t2i_kernels import reference as ref
+    from t2i_kernels.testing import ATTENTION_BF16_TANGENT_REL_ERROR, assert_parity
 
     fp32_o, fp32_t = ref.attention_jvp(*(t.float() for t in (q, k, v, tq, tk, tv)))
     rel = ((to.float() - fp32_t).norm() / fp32_t.norm()).item()

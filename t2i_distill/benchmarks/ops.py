@@ -3,7 +3,7 @@
 One definition per op serves the parity checks (:func:`op_parity`), the timing cases (:func:`op_timing_cases`) and
 the shapes, for the demo report, ``bench/gpu_check.py`` and the pytest-benchmark files alike.
 
-Parity (per op, against a truth in float64 on the CPU / fp32 on GPUs, with the rule of :mod:`kernels.testing`):
+Parity (per op, against a truth in float64 on the CPU / fp32 on GPUs, with the rule of :mod:`t2i_kernels.testing`):
 the output; the tangent through the explicit ``<op>_jvp``, ``torch.func.jvp`` and ``torch.autograd.forward_ad``;
 every gradient. Timing providers: ``reference`` (eager PyTorch; ``torch.func.jvp`` of it for ``fwd+jvp``, i.e. what
 a user of the reference runs), ``ours``, on GPUs ``torch.compile`` of the reference (of its explicit tangent formula
@@ -25,10 +25,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
-from kernels import reference as ref
-from kernels.qk_norm_rope import qk_norm_rope_jvp_ref, qk_norm_rope_ref
-from kernels.testing import ParityReport, parity_report
+import t2i_kernels
 from t2i_distill.benchmarks.common import (
     TimingCase,
     fwd_bwd,
@@ -39,6 +36,9 @@ from t2i_distill.benchmarks.common import (
     truth_dtype_for,
     upcast,
 )
+from t2i_kernels import reference as ref
+from t2i_kernels.qk_norm_rope import qk_norm_rope_jvp_ref, qk_norm_rope_ref
+from t2i_kernels.testing import ParityReport, parity_report
 
 __all__ = ["OPS", "OpInputs", "OpSpec", "attention_rel_tangent_error", "op_case_pairs", "op_parity",
            "op_timing_cases"]
@@ -246,7 +246,7 @@ def _attention_extra_cases(inputs: OpInputs, shape) -> list[TimingCase]:
         TimingCase("attention", "fwd+bwd", "sdpa", shape,
                    fwd_bwd(F.scaled_dot_product_attention, [q, k, v], (0, 1, 2), inputs.grad_out), **work["fwd+bwd"]),
         TimingCase("attention", "fwd+jvp", "ours (torch.func.jvp)", shape,
-                   lambda: torch.func.jvp(kernels.attention, (q, k, v), (tq, tk, tv)), **work["fwd+jvp"]),
+                   lambda: torch.func.jvp(t2i_kernels.attention, (q, k, v), (tq, tk, tv)), **work["fwd+jvp"]),
         TimingCase("attention", "fwd+jvp", "math sdpa (torch.func.jvp)", shape,
                    lambda: _math_sdpa_jvp(q, k, v, tq, tk, tv), **work["fwd+jvp"]),
     ]
@@ -284,14 +284,14 @@ def _explicit(fn: Callable, order: tuple[int | str, ...]):
 
 OPS: dict[str, OpSpec] = {
     "gated_residual": OpSpec(
-        "gated_residual", ("x", "gate", "y"), _gated_residual_inputs, kernels.gated_residual, ref.gated_residual,
-        _explicit(kernels.gated_residual_jvp, (0, "t0", 1, "t1", 2, "t2")),
+        "gated_residual", ("x", "gate", "y"), _gated_residual_inputs, t2i_kernels.gated_residual, ref.gated_residual,
+        _explicit(t2i_kernels.gated_residual_jvp, (0, "t0", 1, "t1", 2, "t2")),
         _explicit(ref.gated_residual_jvp, (0, "t0", 1, "t1", 2, "t2")),
         _row_bytes(3, 3, 4), cpu_shapes=[(2, 37, 48)], gpu_shapes=[(2, 1536, 3072), (1, 4608, 3072)],
     ),
     "attention": OpSpec(
-        "attention", ("q", "k", "v"), _attention_inputs, kernels.attention, ref.attention,
-        _explicit(kernels.attention_jvp, (0, 1, 2, "t0", "t1", "t2")),
+        "attention", ("q", "k", "v"), _attention_inputs, t2i_kernels.attention, ref.attention,
+        _explicit(t2i_kernels.attention_jvp, (0, 1, 2, "t0", "t1", "t2")),
         _explicit(ref.attention_jvp, (0, 1, 2, "t0", "t1", "t2")),
         _attention_work, cpu_shapes=[(1, 2, 70, 32)],
         # FLUX's 512/1024 px at 256 and 512 text tokens, and issue 12's head-dim-64 anchor shape (the best public Triton
@@ -300,30 +300,30 @@ OPS: dict[str, OpSpec] = {
         extra_cases=_attention_extra_cases, extra_pairs=_attention_extra_pairs,
     ),
     "rms_norm": OpSpec(
-        "rms_norm", ("x", "weight"), _rms_norm_inputs, kernels.rms_norm, ref.rms_norm,
-        _explicit(kernels.rms_norm_jvp, (0, "t0", 1)), _explicit(ref.rms_norm_jvp, (0, "t0", 1)),
+        "rms_norm", ("x", "weight"), _rms_norm_inputs, t2i_kernels.rms_norm, ref.rms_norm,
+        _explicit(t2i_kernels.rms_norm_jvp, (0, "t0", 1)), _explicit(ref.rms_norm_jvp, (0, "t0", 1)),
         _row_bytes(2, 2, 3), cpu_shapes=[(2, 3, 17, 128)], gpu_shapes=[(2, 24, 1536, 128), (1, 24, 4352, 128)],
     ),
     "layer_norm_modulate": OpSpec(
-        "layer_norm_modulate", ("x", "scale", "shift"), _layer_norm_modulate_inputs, kernels.layer_norm_modulate,
-        ref.layer_norm_modulate, _explicit(kernels.layer_norm_modulate_jvp, (0, "t0", 1, "t1", 2, "t2")),
+        "layer_norm_modulate", ("x", "scale", "shift"), _layer_norm_modulate_inputs, t2i_kernels.layer_norm_modulate,
+        ref.layer_norm_modulate, _explicit(t2i_kernels.layer_norm_modulate_jvp, (0, "t0", 1, "t1", 2, "t2")),
         _explicit(ref.layer_norm_modulate_jvp, (0, "t0", 1, "t1", 2, "t2")),
         _row_bytes(2, 2, 3), cpu_shapes=[(2, 19, 48)], gpu_shapes=[(2, 1536, 3072), (1, 4608, 3072)],
     ),
     "rope": OpSpec(
-        "rope", ("x", "cos", "sin"), _rope_inputs, kernels.rope, ref.rope,
-        _explicit(kernels.rope_jvp, (0, "t0", 1, 2)), _explicit(ref.rope_jvp, (0, "t0", 1, 2)),
+        "rope", ("x", "cos", "sin"), _rope_inputs, t2i_kernels.rope, ref.rope,
+        _explicit(t2i_kernels.rope_jvp, (0, "t0", 1, 2)), _explicit(ref.rope_jvp, (0, "t0", 1, 2)),
         _row_bytes(2, 2, 2), cpu_shapes=[(2, 3, 17, 32)], gpu_shapes=[(2, 24, 1536, 128), (1, 24, 4352, 128)],
     ),
     "qk_norm_rope": OpSpec(
-        "qk_norm_rope", ("x", "weight", "cos", "sin"), _qk_norm_rope_inputs, kernels.qk_norm_rope,
-        qk_norm_rope_ref, _explicit(kernels.qk_norm_rope_jvp, (0, "t0", 1, 2, 3)),
+        "qk_norm_rope", ("x", "weight", "cos", "sin"), _qk_norm_rope_inputs, t2i_kernels.qk_norm_rope,
+        qk_norm_rope_ref, _explicit(t2i_kernels.qk_norm_rope_jvp, (0, "t0", 1, 2, 3)),
         _explicit(qk_norm_rope_jvp_ref, (0, "t0", 1, 2, 3)),
         _row_bytes(2, 2, 3), cpu_shapes=[(1, 17, 2, 32)], gpu_shapes=[(2, 1536, 24, 128), (1, 4352, 24, 128)],
     ),
     "gelu_tanh": OpSpec(
-        "gelu_tanh", ("x",), _gelu_inputs, kernels.gelu_tanh, ref.gelu_tanh,
-        _explicit(kernels.gelu_tanh_jvp, (0, "t0")), _explicit(ref.gelu_tanh_jvp, (0, "t0")),
+        "gelu_tanh", ("x",), _gelu_inputs, t2i_kernels.gelu_tanh, ref.gelu_tanh,
+        _explicit(t2i_kernels.gelu_tanh_jvp, (0, "t0")), _explicit(ref.gelu_tanh_jvp, (0, "t0")),
         _row_bytes(2, 2, 3), cpu_shapes=[(2, 19, 96)], gpu_shapes=[(2, 1536, 12288), (1, 4608, 12288)],
     ),
 }
@@ -335,6 +335,6 @@ def attention_rel_tangent_error(shape, device, dtype) -> float:
     q, k, v = inputs.args
     tq, tk, tv = (inputs.tangents[i] for i in range(3))
     _, truth_t = ref.attention_jvp(*upcast((q, k, v, tq, tk, tv), truth_dtype_for(device)))
-    _, to = kernels.attention_jvp(q, k, v, tq, tk, tv)
+    _, to = t2i_kernels.attention_jvp(q, k, v, tq, tk, tv)
     return ((to.to(truth_t.dtype) - truth_t).norm() / truth_t.norm()).item()
 

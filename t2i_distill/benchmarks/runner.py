@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 import torch
 
-from kernels.testing import ParityReport
 from t2i_distill.benchmarks.common import TimingCase
 from t2i_distill.tables import markdown_table
 from t2i_distill.timing import measure, peak_extra_gib
+from t2i_kernels.testing import ParityReport
 
 __all__ = ["parity_rows", "parity_table", "speedups", "timing_rows", "timing_table"]
 

@@ -365,10 +365,10 @@ def _cmd_training_step(args) -> int:
     import json
     from pathlib import Path
 
-    from t2i_distill.cli import _enable_interpreter_without_gpu
+    from t2i_distill.env import enable_interpreter_without_gpu
     from t2i_distill.losses.config import JVP_MODES
 
-    if _enable_interpreter_without_gpu():
+    if enable_interpreter_without_gpu():
         print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
     from t2i_distill.benchmarks.runner import timing_table
 

@@ -123,7 +123,7 @@ class TrainData:
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.manifest = None
         if cfg.cached_dataset is not None:
-            from t2i_distill.data.cache import CacheReader
+            from t2i_distill.data.cache_format import CacheReader
 
             self.source = CacheReader(cfg.cached_dataset)
             self.manifest = self.source.manifest

@@ -2,10 +2,11 @@
 
 Dynamo refuses to trace an ``autograd.Function`` that defines a custom ``jvp`` ("Unsupported custom jvp"), and every
 kernel's Function does (that is what makes ``torch.func.jvp`` work). :func:`allow_kernels_in_graph` marks each public
-kernel function (``kernels.attention``, ``kernels.attention_jvp``, ...) with ``torch.compiler.allow_in_graph``: Dynamo
-then records the call as one node instead of tracing into it, and AOTAutograd traces through it with fake tensors,
-where the Triton launchers are ``torch.library`` custom ops with fake implementations. The result is one graph per
-block (no graph break inside a block) for aot_eager and inductor; inductor keeps each custom op as an extern call.
+kernel function (``t2i_kernels.attention``, ``t2i_kernels.attention_jvp``, ...) with
+``torch.compiler.allow_in_graph``: Dynamo then records the call as one node instead of tracing into it, and
+AOTAutograd traces through it with fake tensors, where the Triton launchers are ``torch.library`` custom ops with fake
+implementations. The result is one graph per block (no graph break inside a block) for aot_eager and inductor;
+inductor keeps each custom op as an extern call.
 
 What compiles (all tested on the CPU, see ``tests/t2i_distill/test_compile.py``):
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import t2i_kernels
 
 __all__ = ["COMPILABLE_KERNELS", "allow_kernels_in_graph"]
 
@@ -39,4 +40,4 @@ COMPILABLE_KERNELS = (
 def allow_kernels_in_graph() -> None:
     """Let Dynamo put every kernel call into the graph as one node (idempotent)."""
     for name in COMPILABLE_KERNELS:
-        torch.compiler.allow_in_graph(getattr(kernels, name))
+        torch.compiler.allow_in_graph(getattr(t2i_kernels, name))

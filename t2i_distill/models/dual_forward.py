@@ -1,7 +1,7 @@
 """The explicit dual forward of the FLUX student: (primal, tangent) pairs threaded through the fused kernels.
 
 ``torch.func.jvp`` over the model (what the reference does, and what the patched model accelerates) runs every
-op's tangent rule separately. :func:`flux_forward_jvp` instead calls each fused ``kernels.*_jvp`` once per step, so
+op's tangent rule separately. :func:`flux_forward_jvp` instead calls each fused ``t2i_kernels.*_jvp`` once per step, so
 primal and tangent share one read of every activation, and handles linear layers itself: a linear map's tangent
 is the same GEMM without bias, so without grad both go through **one** GEMM on ``[x; tx]``.
 
@@ -27,9 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.attention import SUPPORTED_HEAD_DIMS
+import t2i_kernels
 from t2i_distill.models.trigflow import flow_input_scale, flow_to_trigflow_velocity, trigflow_to_flow_time
+from t2i_kernels.attention import SUPPORTED_HEAD_DIMS
 
 __all__ = ["dual_linear", "flux_forward_jvp", "trigflow_forward_jvp"]
 
@@ -77,17 +77,17 @@ def _adaln_chunks(norm: torch.nn.Module, temb: Pair, chunks: int, cast_to: torch
 
 
 def _ln_modulate(norm_eps: float, x: Pair, scale: Pair, shift: Pair) -> Pair:
-    return kernels.layer_norm_modulate_jvp(x[0], x[1], scale[0], scale[1], shift[0], shift[1], eps=norm_eps)
+    return t2i_kernels.layer_norm_modulate_jvp(x[0], x[1], scale[0], scale[1], shift[0], shift[1], eps=norm_eps)
 
 
 def _residual(x: Pair, gate: Pair, y: Pair) -> Pair:
-    return kernels.gated_residual_jvp(x[0], x[1], gate[0], gate[1], y[0], y[1])
+    return t2i_kernels.gated_residual_jvp(x[0], x[1], gate[0], gate[1], y[0], y[1])
 
 
 def _feed_forward(ff: torch.nn.Module, x: Pair) -> Pair:
     """diffusers FeedForward: GELU(proj) → dropout (p = 0 in FLUX, an identity) → linear."""
     h = dual_linear(ff.net[0].proj, *x)
-    h = kernels.gelu_tanh_jvp(*h)
+    h = t2i_kernels.gelu_tanh_jvp(*h)
     return dual_linear(ff.net[2], *h)
 
 
@@ -106,8 +106,8 @@ def _attention(attn: torch.nn.Module, streams: list[tuple[Pair, torch.nn.Module,
     for x, norm_q, norm_k, (to_q, to_k, to_v) in streams:
         n = x[0].shape[1]
         c, s = cos[start:start + n], sin[start:start + n]
-        q, tq = kernels.qk_norm_rope_jvp(*dual_linear(to_q, *x), norm_q.weight, c, s, eps=float(norm_q.eps))
-        k, tk = kernels.qk_norm_rope_jvp(*dual_linear(to_k, *x), norm_k.weight, c, s, eps=float(norm_k.eps))
+        q, tq = t2i_kernels.qk_norm_rope_jvp(*dual_linear(to_q, *x), norm_q.weight, c, s, eps=float(norm_q.eps))
+        k, tk = t2i_kernels.qk_norm_rope_jvp(*dual_linear(to_k, *x), norm_k.weight, c, s, eps=float(norm_k.eps))
         v, tv = dual_linear(to_v, *x)
         qs.append(q), tqs.append(tq), ks.append(k), tks.append(tk), vs.append(v), tvs.append(tv)
         start += n
@@ -118,7 +118,8 @@ def _attention(attn: torch.nn.Module, streams: list[tuple[Pair, torch.nn.Module,
     heads_dim = (-1, attn.head_dim)
     v_B_H_L_D = joined(vs, 1).unflatten(-1, heads_dim).transpose(1, 2)
     tv_B_H_L_D = joined(tvs, 1).unflatten(-1, heads_dim).transpose(1, 2)
-    o, to = kernels.attention_jvp(joined(qs, 2), joined(ks, 2), v_B_H_L_D, joined(tqs, 2), joined(tks, 2), tv_B_H_L_D)
+    o, to = t2i_kernels.attention_jvp(joined(qs, 2), joined(ks, 2), v_B_H_L_D,
+                                      joined(tqs, 2), joined(tks, 2), tv_B_H_L_D)
     return o.transpose(1, 2).flatten(2), to.transpose(1, 2).flatten(2)
 
 
@@ -154,7 +155,7 @@ def single_block_jvp(block, hidden: Pair, encoder: Pair, temb: Pair, rotary) -> 
     x = (torch.cat([encoder[0], hidden[0]], dim=1), torch.cat([encoder[1], hidden[1]], dim=1))
     shift, scale, gate = _adaln_chunks(block.norm, temb, 3)
     norm_x = _ln_modulate(block.norm.norm.eps, x, scale, shift)
-    mlp = kernels.gelu_tanh_jvp(*dual_linear(block.proj_mlp, *norm_x))
+    mlp = t2i_kernels.gelu_tanh_jvp(*dual_linear(block.proj_mlp, *norm_x))
     attn = block.attn
     attn_out = _attention(attn, [(norm_x, attn.norm_q, attn.norm_k, (attn.to_q, attn.to_k, attn.to_v))], rotary)
     projected = dual_linear(block.proj_out, torch.cat([attn_out[0], mlp[0]], dim=2),

@@ -52,7 +52,7 @@ from diffusers.models.transformers.transformer_flux import (
     FluxTransformerBlock,
 )
 
-import kernels
+import t2i_kernels
 from t2i_distill.models.compile import allow_kernels_in_graph
 from t2i_distill.models.processors import FluxKernelAttnProcessor
 
@@ -78,7 +78,7 @@ def _promoted(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate[:, None]·y`` through the kernel."""
-    return kernels.gated_residual(*_promoted(x, gate, y))
+    return t2i_kernels.gated_residual(*_promoted(x, gate, y))
 
 
 def _plain_layer_norm(norm: torch.nn.Module) -> bool:
@@ -108,7 +108,7 @@ class KernelAdaLayerNormZero(_KernelRepr, AdaLayerNormZero):
             return super().forward(x, timestep, class_labels, hidden_dtype, emb)
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        x = kernels.layer_norm_modulate(x, scale_msa, shift_msa, eps=self.norm.eps)
+        x = t2i_kernels.layer_norm_modulate(x, scale_msa, shift_msa, eps=self.norm.eps)
         return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
@@ -121,7 +121,7 @@ class KernelAdaLayerNormZeroSingle(_KernelRepr, AdaLayerNormZeroSingle):
         if not _plain_layer_norm(self.norm):
             return super().forward(x, emb)
         shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
-        return kernels.layer_norm_modulate(x, scale_msa, shift_msa, eps=self.norm.eps), gate_msa
+        return t2i_kernels.layer_norm_modulate(x, scale_msa, shift_msa, eps=self.norm.eps), gate_msa
 
 
 class KernelAdaLayerNormContinuous(_KernelRepr, AdaLayerNormContinuous):
@@ -134,7 +134,7 @@ class KernelAdaLayerNormContinuous(_KernelRepr, AdaLayerNormContinuous):
             return super().forward(x, conditioning_embedding)
         emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
         scale, shift = torch.chunk(emb, 2, dim=1)
-        return kernels.layer_norm_modulate(x, scale, shift, eps=self.norm.eps)
+        return t2i_kernels.layer_norm_modulate(x, scale, shift, eps=self.norm.eps)
 
 
 # ---- activations ------------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ class KernelGELU(_KernelRepr, DiffusersGELU):
     def gelu(self, gate: torch.Tensor) -> torch.Tensor:
         if self.approximate != "tanh":
             return super().gelu(gate)
-        return kernels.gelu_tanh(gate)
+        return t2i_kernels.gelu_tanh(gate)
 
 
 class KernelGELUTanh(_KernelRepr, torch.nn.GELU):
@@ -157,7 +157,7 @@ class KernelGELUTanh(_KernelRepr, torch.nn.GELU):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.approximate != "tanh":
             return super().forward(input)
-        return kernels.gelu_tanh(input)
+        return t2i_kernels.gelu_tanh(input)
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class KernelFluxTransformerBlock(_KernelRepr, FluxTransformerBlock):
 
     def _norm2_modulate(self, norm, x, scale, shift):
         if self._t2i_block_kernels.adaln and _plain_layer_norm(norm):
-            return kernels.layer_norm_modulate(x, scale, shift, eps=norm.eps)
+            return t2i_kernels.layer_norm_modulate(x, scale, shift, eps=norm.eps)
         return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
@@ -327,12 +327,12 @@ def apply_kernels_to_flux(
 
     Args:
         model: a ``FluxTransformer2DModel`` (or subclass, e.g. :class:`t2i_distill.models.FluxStudent`).
-        attention: JVP flash attention (``kernels.attention``) instead of SDPA in every attention layer.
-        qk_norm: fused qk-RMSNorm + RoPE + head transpose (``kernels.qk_norm_rope``) in every attention layer.
-        adaln: fused LayerNorm + AdaLN modulation (``kernels.layer_norm_modulate``) in ``norm1``,
+        attention: JVP flash attention (``t2i_kernels.attention``) instead of SDPA in every attention layer.
+        qk_norm: fused qk-RMSNorm + RoPE + head transpose (``t2i_kernels.qk_norm_rope``) in every attention layer.
+        adaln: fused LayerNorm + AdaLN modulation (``t2i_kernels.layer_norm_modulate``) in ``norm1``,
             ``norm1_context``, ``norm2``, ``norm2_context``, the single blocks' ``norm`` and ``norm_out``.
-        gate: fused gated residuals (``kernels.gated_residual``) in every block.
-        gelu: GELU-tanh activations of the feed-forwards and ``proj_mlp`` (``kernels.gelu_tanh``).
+        gate: fused gated residuals (``t2i_kernels.gated_residual``) in every block.
+        gelu: GELU-tanh activations of the feed-forwards and ``proj_mlp`` (``t2i_kernels.gelu_tanh``).
         training_attention: attention in passes without forward-mode AD: ``"auto"`` (SDPA on CUDA, ours
             elsewhere), ``"kernel"`` (always ours) or ``"sdpa"``.
 

@@ -38,8 +38,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-import kernels
-from kernels.attention import SUPPORTED_HEAD_DIMS
+import t2i_kernels
+from t2i_kernels.attention import SUPPORTED_HEAD_DIMS
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ class FluxKernelAttnProcessor(torch.nn.Module):
         for q, k, _, norm_q, norm_k in streams:
             n = q.shape[1]
             c, s = cos[start:start + n], sin[start:start + n]
-            qs.append(kernels.qk_norm_rope(q, norm_q.weight, c, s, eps=_eps(norm_q)))
-            ks.append(kernels.qk_norm_rope(k, norm_k.weight, c, s, eps=_eps(norm_k)))
+            qs.append(t2i_kernels.qk_norm_rope(q, norm_q.weight, c, s, eps=_eps(norm_q)))
+            ks.append(t2i_kernels.qk_norm_rope(k, norm_k.weight, c, s, eps=_eps(norm_k)))
             start += n
         # The text/image concatenation is one copy of Q and K (the kernel writes one stream per call).
         if len(qs) == 1:
@@ -205,7 +205,7 @@ class FluxKernelAttnProcessor(torch.nn.Module):
         )
         if wants_sdpa and not tangents:  # SDPA has no forward-AD rule
             return self._dispatch(q, k, v, self._attention_backend)
-        return kernels.attention(q, k, v)
+        return t2i_kernels.attention(q, k, v)
 
     def _dispatch(self, q, k, v, backend):
         # diffusers' dispatch takes (B, L, H, D); the transposes are views.

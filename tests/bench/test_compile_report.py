@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _row(**over):
-    row = {"ok": True, "kernel": "_k", "module": "kernels.rms_norm", "op": "rms_norm_d3072", "mode": "fwd",
+    row = {"ok": True, "kernel": "_k", "module": "t2i_kernels.rms_norm", "op": "rms_norm_d3072", "mode": "fwd",
            "config": "w4s3", "regs": 64, "stack": 0, "local": 0, "STL": 0, "LDL": 0, "shared": 1024, "HGMMA": 0,
            "HMMA": 0, "ttgir_dots": 0}
     row.update(over)
@@ -26,7 +26,7 @@ def _row(**over):
 
 def test_clean_row_passes():
     assert cr.violations(_row()) == []
-    assert cr.violations(_row(module="kernels.attention", ttgir_dots=6, HGMMA=12, shared=cr.SM90_MAX_SMEM)) == []
+    assert cr.violations(_row(module="t2i_kernels.attention", ttgir_dots=6, HGMMA=12, shared=cr.SM90_MAX_SMEM)) == []
 
 
 @pytest.mark.parametrize("over, fragment", [
@@ -34,8 +34,9 @@ def test_clean_row_passes():
     ({"STL": 3, "LDL": 5, "stack": 48}, "register spills (stack 48, STL 3, LDL 5)"),
     ({"local": 16}, "register spills (local 16)"),
     ({"shared": cr.SM90_MAX_SMEM + 1}, f"shared memory {cr.SM90_MAX_SMEM + 1} B > sm_90 limit"),
-    ({"module": "kernels.attention", "ttgir_dots": 4, "HGMMA": 6, "HMMA": 2}, "matmul not all HGMMA (HGMMA 6, HMMA 2)"),
-    ({"module": "kernels.attention", "ttgir_dots": 4, "HGMMA": 0, "HMMA": 0}, "matmul not all HGMMA (HGMMA 0"),
+    ({"module": "t2i_kernels.attention", "ttgir_dots": 4, "HGMMA": 6, "HMMA": 2},
+     "matmul not all HGMMA (HGMMA 6, HMMA 2)"),
+    ({"module": "t2i_kernels.attention", "ttgir_dots": 4, "HGMMA": 0, "HMMA": 0}, "matmul not all HGMMA (HGMMA 0"),
     ({"lane_use": 0.75}, "lane use 0.75 < 1.0 (lanes masked or replicated"),
 ])
 def test_each_rule_fires(over, fragment):
@@ -49,8 +50,8 @@ def test_full_lanes_and_kernels_without_a_width_pass_the_lane_rule():
 
 
 def test_mma_sync_is_allowed_outside_attention_and_dotless_attention_kernels_pass():
-    assert cr.violations(_row(module="kernels.rms_norm", ttgir_dots=1, HMMA=4)) == []
-    assert cr.violations(_row(module="kernels.attention", ttgir_dots=0)) == []  # e.g. the Δ pre-pass
+    assert cr.violations(_row(module="t2i_kernels.rms_norm", ttgir_dots=1, HMMA=4)) == []
+    assert cr.violations(_row(module="t2i_kernels.attention", ttgir_dots=0)) == []  # e.g. the Δ pre-pass
 
 
 def test_report_lists_scenario_errors_and_every_row_violation():

@@ -76,17 +76,17 @@ def test_autotune_choices_lists_the_config_each_tuned_kernel_picked(monkeypatch)
 
     import triton
 
-    from kernels.gated_residual import _gated_residual_fwd_kernel as some_kernel
+    from t2i_kernels.gated_residual import _gated_residual_fwd_kernel as some_kernel
 
     tuned = triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4)], key=["N"])(some_kernel)
     tuned.cache = {(128, "torch.float32"): tuned.configs[0]}
     idle = triton.autotune(configs=[triton.Config({"BLOCK": 32})], key=["N"])(some_kernel)  # never launched
-    fake = types.ModuleType("kernels._fake_tuned")
+    fake = types.ModuleType("t2i_kernels._fake_tuned")
     fake.tuned, fake.idle = tuned, idle
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     choices = gpu_check.autotune_choices()
-    assert choices["kernels._fake_tuned.tuned"] == {"(128, 'torch.float32')": str(tuned.configs[0])}
-    assert "kernels._fake_tuned.idle" not in choices
+    assert choices["t2i_kernels._fake_tuned.tuned"] == {"(128, 'torch.float32')": str(tuned.configs[0])}
+    assert "t2i_kernels._fake_tuned.idle" not in choices
 
 
 def test_gluon_child_rows_are_kept_and_a_hang_is_killed(tmp_path):

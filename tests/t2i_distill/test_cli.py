@@ -32,10 +32,10 @@ def test_env_prints_versions_gpu_and_kernel_mode(capsys):
     assert f"torch        {torch.__version__}" in out
     assert f"triton       {triton.__version__}" in out
     if HAS_CUDA:
-        assert "kernels      compiled" in out
+        assert "t2i_kernels  compiled" in out
     else:
         assert "gpu          none" in out
-        assert "kernels      interpreted" in out
+        assert "t2i_kernels  interpreted" in out
 
 
 def test_parity_turns_on_the_interpreter_and_writes_a_passing_report(tmp_path):

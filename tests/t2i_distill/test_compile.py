@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-import kernels
+import t2i_kernels
 from t2i_distill import apply_kernels_to_flux
 from t2i_distill.models import dual_forward
 from t2i_distill.models.compile import allow_kernels_in_graph
@@ -93,9 +93,9 @@ def test_kernel_calls_compile_under_inductor_with_fullgraph():
     gate, tgate = torch.randn(1, 64), torch.randn(1, 64)
 
     def step(q, k, v, tq, tk, tv):
-        o, to = kernels.attention_jvp(q, k, v, tq, tk, tv)
+        o, to = t2i_kernels.attention_jvp(q, k, v, tq, tk, tv)
         o_L, to_L = o.transpose(1, 2).flatten(2), to.transpose(1, 2).flatten(2)
-        return kernels.gated_residual_jvp(o_L, to_L, gate, tgate, o_L.sin(), to_L * o_L.cos())
+        return t2i_kernels.gated_residual_jvp(o_L, to_L, gate, tgate, o_L.sin(), to_L * o_L.cos())
 
     expected = step(q, k, v, tq, tk, tv)
     got = torch.compile(step, backend="inductor", fullgraph=True)(q, k, v, tq, tk, tv)
@@ -106,5 +106,6 @@ def test_kernel_calls_compile_under_inductor_with_fullgraph():
 def test_allow_kernels_in_graph_covers_every_kernel_the_models_call():
     from t2i_distill.models.compile import COMPILABLE_KERNELS
 
-    public = {n for n in kernels.__all__ if n[0].islower() and callable(getattr(kernels, n)) and n != "reference"}
+    public = {n for n in t2i_kernels.__all__
+              if n[0].islower() and callable(getattr(t2i_kernels, n)) and n != "reference"}
     assert set(COMPILABLE_KERNELS) == public

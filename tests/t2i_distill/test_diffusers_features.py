@@ -26,11 +26,11 @@ from diffusers.hooks import (
 from diffusers.hooks._helpers import AttentionProcessorRegistry, TransformerBlockRegistry
 from diffusers.models.attention_dispatch import attention_backend
 
-from kernels.testing import tolerance
 from t2i_distill import apply_kernels_to_flux, revert_kernels_on_flux
 from t2i_distill.models import flux_patch
 from t2i_distill.models.flux_patch import is_patched
 from t2i_distill.models.processors import FluxKernelAttnProcessor
+from t2i_kernels.testing import tolerance
 from tests.t2i_distill.flux_helpers import build, call, reference_jvp, split_inputs
 
 TOL = tolerance("flux_model", "out", torch.float32)

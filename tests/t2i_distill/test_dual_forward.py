@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from kernels.testing import assert_parity
 from t2i_distill import apply_kernels_to_flux
 from t2i_distill.models import TrigFlowStudent
 from t2i_distill.models.dual_forward import dual_linear, flux_forward_jvp, trigflow_forward_jvp
+from t2i_kernels.testing import assert_parity
 from tests.t2i_distill.flux_helpers import TINY_CONFIGS, as_dtype, build, call, reference_jvp, split_inputs
 
 F64 = torch.float64

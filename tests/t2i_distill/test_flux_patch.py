@@ -17,11 +17,11 @@ from diffusers.models.transformers.transformer_flux import (
     FluxTransformerBlock,
 )
 
-from kernels.testing import assert_parity
 from t2i_distill import apply_kernels_to_flux, revert_kernels_on_flux
 from t2i_distill.models import flux_patch
 from t2i_distill.models.flux import FluxStudent
 from t2i_distill.models.processors import FluxKernelAttnProcessor
+from t2i_kernels.testing import assert_parity
 from tests.t2i_distill.flux_helpers import TINY_CONFIGS, as_dtype, build, call, reference_jvp, split_inputs
 
 F64 = torch.float64

@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from kernels.testing import tolerance
 from t2i_distill import apply_kernels_to_flux
 from t2i_distill.models.dual_forward import dual_linear, flux_forward_jvp
+from t2i_kernels.testing import tolerance
 from tests.t2i_distill.flux_helpers import build, call, reference_jvp, split_inputs
 
 #: every linear of both block kinds the LoRA recipes of FLUX adapt (attention q/k/v/out, text stream, FFs, MLP).

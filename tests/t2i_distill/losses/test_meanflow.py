@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.testing import assert_parity
 from t2i_distill import apply_kernels_to_flux
 from t2i_distill.losses import MeanFlowConfig, meanflow_loss
+from t2i_kernels.testing import assert_parity
 from tests.t2i_distill.losses.helpers import (
     grads,
     make_batch,

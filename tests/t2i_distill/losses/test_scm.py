@@ -1,5 +1,5 @@
 """sCM loss: the reference mode against a hand-written computation of reference-spec §2.2 (float64, fixed draws),
-the three JVP modes against each other (parity rule of kernels/testing.py, fp32), the B9 flag, and bad input."""
+the three JVP modes against each other (parity rule of t2i_kernels/testing.py, fp32), the B9 flag, and bad input."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.testing import assert_parity
 from t2i_distill import apply_kernels_to_flux
 from t2i_distill.losses import SCMConfig, SCMDraws, scm_loss
+from t2i_kernels.testing import assert_parity
 from tests.t2i_distill.losses.helpers import grads, make_batch, scm_draws, scm_models, to_float64
 
 
