@@ -80,7 +80,7 @@ def _refuse_forward_over_reverse(function_cls: type) -> None:
 def install() -> None:
     """Register the refusals for every ``t2i_kernels`` custom op and kernel Function loaded so far (idempotent)."""
     for name, module in list(sys.modules.items()):
-        if not name.startswith("kernels.") or module is None:
+        if not name.startswith("t2i_kernels.") or module is None:
             continue
         for obj in list(vars(module).values()):
             if isinstance(obj, torch.library.CustomOpDef) and obj._namespace == LIBRARY:

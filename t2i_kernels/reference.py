@@ -2,7 +2,7 @@
 
 Each op ``<op>(...)`` computes exactly what the reference system (T2I-Distill on diffusers FLUX) computes, in the
 same dtype order (reference-spec §2.4, §3.5–3.7): it *is* the parity oracle for the Triton kernels, which share its
-signature (``kernels.<op>``). Because it uses the same torch ops, it also behaves the same under
+signature (``t2i_kernels.<op>``). Because it uses the same torch ops, it also behaves the same under
 ``torch.autocast`` (e.g. ``softmax``/``layer_norm`` return fp32 there), so it reproduces the reference's JVP pass
 when called inside the same context.
 

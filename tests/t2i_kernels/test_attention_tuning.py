@@ -134,7 +134,7 @@ def test_variant_candidates_are_known_switches_of_a_measured_head_dim():
 def test_merge_candidates_need_same_stride_tangents_and_that_is_in_the_autotune_key(merge_ok):
     """MERGE loads a tensor and its tangent as one tile: with other strides its candidates are pruned, and MERGE_OK
     is part of the autotune key (a MERGE winner is never reused for a call whose tangents cannot merge)."""
-    from t2i_kernels.attention import _FWD_MODE_KEY
+    from t2i_kernels.attention_launch import _FWD_MODE_KEY
 
     assert "MERGE_OK" in _FWD_MODE_KEY
     named = {"Q": BF16, "N_Q_BUCKET": FLUX_N, "N_K_BUCKET": FLUX_N, "MERGE_OK": int(merge_ok)}
