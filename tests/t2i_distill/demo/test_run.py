@@ -36,3 +36,18 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError, match="nothing was deleted"):
         run_demo(tmp_path, settings=SMALL, log=lambda *a: None)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_the_committed_demo_folder_is_one_the_demo_may_replace():
+    """A fresh clone holds demo/report.md, report.json and grid.png; without the marker tracked beside them,
+    `bash scripts/demo.sh` would refuse its own folder."""
+    import subprocess
+    from pathlib import Path
+
+    from t2i_distill.demo.run import _MARKER
+
+    repo = Path(__file__).resolve().parents[3]
+    tracked = subprocess.run(["git", "ls-files", "demo"], capture_output=True, text=True, cwd=repo).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert f"demo/{_MARKER}" in tracked, tracked
