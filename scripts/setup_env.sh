@@ -32,6 +32,7 @@ else
   PY="$_venv/bin/python"
 fi
 export PY
+_prefix="$("$PY" -c 'import sys; print(sys.prefix)')"
 
 _lock="$_root/constraints.txt"
 _constraints=()
@@ -50,16 +51,16 @@ _locked_torch="$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$_lock")"
 if [[ ${#_constraints[@]} -gt 0 ]] && ! "$PY" -c "
 import sys, torch
 sys.exit(0 if torch.version.cuda is None and torch.__version__.split('+')[0] == '$_locked_torch' else 1)"; then
-  _filtered="$("$PY" -c 'import sys; print(sys.prefix)')/t2i-distill-constraints-no-torch.txt"
+  _filtered="$_prefix/t2i-distill-constraints-no-torch.txt"
   grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' "$_lock" > "$_filtered"
   echo "[setup] torch $("$PY" -c 'import torch; print(torch.__version__)') is not the locked CPU build $_locked_torch:" \
        "keeping it and its triton; everything else follows constraints.txt"
   _constraints=(-c "$_filtered")
 fi
 
-_stamp="$("$PY" -c 'import sys; print(sys.prefix)')/.t2i-distill-installed-${_extras:-base}"
+_stamp="$_prefix/.t2i-distill-installed-${_extras:-base}"
 if [[ ! -f "$_stamp" || setup.py -nt "$_stamp" || "$_lock" -nt "$_stamp" ]]; then
-  echo "[setup] installing t2i-distill${_extras:+[$_extras]} (editable) into $("$PY" -c 'import sys; print(sys.prefix)')" \
+  echo "[setup] installing t2i-distill${_extras:+[$_extras]} (editable) into $_prefix" \
        "${_constraints[*]:+with ${_constraints[1]##*/}}"
   _pip -e ".${_extras:+[$_extras]}" "${_constraints[@]}"
   touch "$_stamp"
