@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch `t2i-distill train scm|meanflow` on one or many nodes through torchrun (one process per GPU).
+# Launch `t2i-distill train scm|meanflow` (or `t2i-distill rescale`) on one or many nodes through torchrun (one process per GPU).
 #
 #   bash scripts/train.sh scm --pretrained_model_name_or_path DIR --train_data_dir IMAGES ...      # this node's GPUs
 #   NPROC_PER_NODE=1 bash scripts/train.sh meanflow ...                                              # one GPU
@@ -11,8 +11,8 @@
 # what the trainer reads. Extra environment: T2I_PYTHON (the Python with this project installed; default: python),
 # RDZV_TIMEOUT (seconds, default 1800). Everything after the method goes to the trainer unchanged.
 set -euo pipefail
-if [[ $# -lt 1 || ( "$1" != "scm" && "$1" != "meanflow" ) ]]; then
-  echo "usage: [NNODES=N NODE_RANK=i MASTER_ADDR=host MASTER_PORT=port NPROC_PER_NODE=g] bash scripts/train.sh scm|meanflow [trainer flags]" >&2
+if [[ $# -lt 1 || ( "$1" != "scm" && "$1" != "meanflow" && "$1" != "rescale" ) ]]; then
+  echo "usage: [NNODES=N NODE_RANK=i MASTER_ADDR=host MASTER_PORT=port NPROC_PER_NODE=g] bash scripts/train.sh scm|meanflow|rescale [trainer flags]" >&2
   exit 2
 fi
 method="$1"; shift
@@ -31,4 +31,4 @@ exec "$py" -m torch.distributed.run \
   --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$NPROC_PER_NODE" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
   --rdzv-conf="timeout=${RDZV_TIMEOUT:-1800}" \
-  -m t2i_distill.cli train "$method" "$@"
+  -m t2i_distill.cli $([[ "$method" == rescale ]] || echo train) "$method" "$@"

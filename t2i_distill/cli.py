@@ -5,6 +5,7 @@
 ``t2i-distill parity`` parity + benchmark report of every kernel and student step on an embedded tiny FLUX.
 ``t2i-distill steps`` student-step benchmarks (reference vs patched vs dual) at a chosen width, depth, resolution.
 ``t2i-distill train scm|meanflow``  distillation (flags: ``t2i-distill train scm --help``).
+``t2i-distill rescale`` the paper's ×1 teacher from the stock ×1000 FLUX (flags: ``t2i-distill rescale --help``).
 ``t2i-distill tiny``  write a tiny random FLUX pipeline folder that diffusers loads offline (tests, demo, examples).
 """
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("train", help="sCM or MeanFlow distillation: t2i-distill train scm|meanflow --help", add_help=False)
+    sub.add_parser("rescale", help="make the ×1 teacher from stock ×1000 FLUX weights: t2i-distill rescale --help",
+                   add_help=False)
     p_env = sub.add_parser("env", help="print versions, the GPU and the kernel execution mode")
     p_env.set_defaults(func=_cmd_env)
 
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands that launch Triton kernels (the trainer's --jvp dual|func, the demo's dual spot check, the reports).
-_KERNEL_COMMANDS = ("parity", "steps", "train", "demo")
+_KERNEL_COMMANDS = ("parity", "steps", "train", "rescale", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         from t2i_distill.training.trainer import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["rescale"]:  # the same trainer and engine, with the rescale loss
+        from t2i_distill.training.trainer import main as train_main
+
+        return train_main(argv)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from t2i_distill.errors import ConfigurationError
+
+    try:
+        return args.func(args)
+    except ConfigurationError as error:  # a refusal, not a crash: the message names the flag; no traceback
+        print(f"t2i-distill {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -84,11 +84,21 @@ class CacheManifest:
         return json.dumps(data, indent=2)
 
 
+#: What a cache's records depend on: the text encoders, their tokenizers and the VAE (never the transformer).
+_ENCODING_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+
+
 def _same_model(a: str | None, b: str | None) -> bool:
+    """Same folder, or folders whose encoding components resolve to the same files (``t2i-distill rescale``'s output
+    links the stock folder's text encoders and VAE, so a cache made from the stock folder serves it too)."""
     if a is None or b is None:
         return a == b
     if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+        parts = [(Path(a) / c, Path(b) / c) for c in _ENCODING_COMPONENTS]
+        return all(x.exists() == y.exists() and (not x.exists() or x.resolve() == y.resolve()) for x, y in parts) \
+            and any(x.exists() for x, _ in parts)
     return a == b
 
 

@@ -8,8 +8,9 @@
   checkpoint, with every mismatching key reported by name.
 """
 
+from t2i_distill.models.checkpoint_files import Checkpoint, read_checkpoint
 from t2i_distill.models.flux import FluxStudent
-from t2i_distill.models.loading import LoadReport, load_state_dict_file, load_student
+from t2i_distill.models.loading import LoadReport, check_load, load_state_dict_file, load_student
 from t2i_distill.models.trigflow import (
     TrigFlowStudent,
     flow_input_scale,
@@ -18,12 +19,15 @@ from t2i_distill.models.trigflow import (
 )
 
 __all__ = [
+    "Checkpoint",
     "FluxStudent",
     "LoadReport",
     "TrigFlowStudent",
     "flow_input_scale",
     "flow_to_trigflow_velocity",
+    "check_load",
     "load_state_dict_file",
     "load_student",
+    "read_checkpoint",
     "trigflow_to_flow_time",
 ]

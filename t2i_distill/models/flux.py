@@ -8,6 +8,11 @@ reference's conventions differ from stock FLUX (reference-spec §3.1–3.2):
   as ``t.to(dtype) * time_scale``. Stock FLUX multiplies by 1000; the reference's rescaled checkpoints expect 1, which
   also keeps JVP tangents through the time embedding O(1). (Scaling inside a wrapper is not equivalent: stock
   diffusers rounds ``t·1000`` to bf16 before any wrapper could undo it.)
+* ``time_embedding_fp32`` (config; default False, the reference's casts): compute the time and guidance inputs, their
+  sinusoids and the embedding MLPs in float32 whatever the model's dtype or autocast says, as rCM does for its ×1000
+  models. At ×1000 a bf16 time input has a resolution of ~4 time units near t = 1 (8 bits of mantissa), so the
+  highest sinusoid frequencies are noise; ``bench/time_embedding_precision.py`` measures the error. The stock-weights
+  path (``--time_scale 1000``) switches it on.
 * ``dual_timestep`` (config): MeanFlow's second time input ``timestep2`` (= t − r) through its own sinusoid and
   ``timestep_embedder2`` (256 → hidden), added to the conditioning embedding.
 * ``forward(..., gradient_checkpointing)`` recomputes each block in the backward (non-reentrant) when grad is on,
@@ -27,6 +32,15 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 __all__ = ["FluxStudent"]
+
+
+def _embed_fp32(embedder: TimestepEmbedding, proj: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``TimestepEmbedding`` (linear → SiLU → linear) computed in float32 from float32 sinusoids; the
+    weights are upcast on the fly, so gradients reach the (e.g. bf16) parameters unchanged in layout."""
+    def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
+    return linear(embedder.linear_2, torch.nn.functional.silu(linear(embedder.linear_1, proj.float())))
 
 
 class FluxStudent(FluxTransformer2DModel):
@@ -52,6 +66,7 @@ class FluxStudent(FluxTransformer2DModel):
         axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
         time_scale: float = 1.0,
         dual_timestep: bool = False,
+        time_embedding_fp32: bool = False,
     ):
         super().__init__(
             patch_size=patch_size,
@@ -85,6 +100,8 @@ class FluxStudent(FluxTransformer2DModel):
         ``dtype`` is the hidden states' dtype (time inputs are cast to it before scaling, as in the reference).
         """
         dtype = pooled_projections.dtype if dtype is None else dtype
+        if self.config.get("time_embedding_fp32", False):
+            return self._conditioning_fp32(timestep, pooled_projections, guidance, timestep2)
         scale = self.config.time_scale
         timestep = timestep.to(dtype) * scale
         if self.config.guidance_embeds:
@@ -101,6 +118,30 @@ class FluxStudent(FluxTransformer2DModel):
         elif timestep2 is not None:
             raise ValueError("`timestep2` was given but this model has no second embedder (dual_timestep=False)")
         return temb
+
+    def _conditioning_fp32(self, timestep, pooled_projections, guidance, timestep2) -> torch.Tensor:
+        """:meth:`conditioning` with the time/guidance path in float32 (autocast off); the sum is cast back to the
+        pooled embedding's dtype, where the AdaLN layers read it. The pooled-text projection stays in the model dtype
+        (it carries no time and no tangent)."""
+        self._check_time_inputs(guidance, timestep2)
+        scale = float(self.config.time_scale)
+        embed = self.time_text_embed
+        with torch.autocast(device_type=timestep.device.type, enabled=False):
+            temb = _embed_fp32(embed.timestep_embedder, embed.time_proj(timestep.float() * scale))
+            if self.config.guidance_embeds:
+                temb = temb + _embed_fp32(embed.guidance_embedder, embed.time_proj(guidance.float() * scale))
+            if self.config.dual_timestep:
+                temb = temb + _embed_fp32(self.timestep_embedder2, self.time_proj2(timestep2.float() * scale))
+        pooled = embed.text_embedder(pooled_projections)
+        return (temb + pooled.float()).to(pooled.dtype)
+
+    def _check_time_inputs(self, guidance, timestep2) -> None:
+        if self.config.guidance_embeds and guidance is None:
+            raise ValueError("`guidance`: this model embeds guidance (guidance_embeds=True); got None")
+        if self.config.dual_timestep and timestep2 is None:
+            raise ValueError("`timestep2`: this MeanFlow student (dual_timestep=True) needs t - r; got None")
+        if not self.config.dual_timestep and timestep2 is not None:
+            raise ValueError("`timestep2` was given but this model has no second embedder (dual_timestep=False)")
 
     def rotary_embedding(self, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables (cos, sin), each (text + image tokens, head dim), for ids (N, 3) (a batch dim is dropped)."""

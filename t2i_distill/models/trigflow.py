@@ -94,6 +94,7 @@ class TrigFlowStudent(FluxStudent):
         axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
         time_scale: float = 1.0,
         dual_timestep: bool = False,
+        time_embedding_fp32: bool = False,
     ):
         if dual_timestep:
             raise ValueError(
@@ -114,6 +115,7 @@ class TrigFlowStudent(FluxStudent):
             axes_dims_rope=axes_dims_rope,
             time_scale=time_scale,
             dual_timestep=False,
+            time_embedding_fp32=time_embedding_fp32,
         )
         self.logvar_linear = nn.Linear(self.inner_dim, 1)
         self.reset_logvar_parameters()

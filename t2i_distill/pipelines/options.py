@@ -21,8 +21,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the teacher's diffusers FLUX folder or hub id (text encoders, VAE, scheduler)")
     parser.add_argument("--method", choices=METHODS, default="scm", help="sampler (default: %(default)s)")
     parser.add_argument("--student_checkpoint", "--resume_path", dest="student_checkpoint", default=None,
-                        help="transformer_<step>.safetensors / .pt of the student (for --method teacher: the "
-                             "rescaled ×1 teacher; without it the folder's stock ×1000 transformer)")
+                        help="the student: transformer_<step>.safetensors, the reference's .pt ({'module': sd}), a "
+                             "transformer folder or sharded safetensors; its kind must match --method. For --method "
+                             "teacher: a ×1 rescaled teacher (without it, the folder's own transformer at the scale "
+                             "it was trained at: ×1000 for stock FLUX)")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help=f"sampler steps (default: {', '.join(f'{m} {n}' for m, n in DEFAULT_STEPS.items())})")
     parser.add_argument("--guidance_scale", type=float, default=3.5,
@@ -50,6 +52,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 def pipeline_from_args(args: argparse.Namespace):
     """``(pipeline, device)`` for the parsed flags."""
+    from t2i_distill.pipelines.loading import check_pipeline
+
+    check_pipeline(args.method, args.pretrained_model_name_or_path, args.student_checkpoint)  # before any load
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = load_pipeline(args.method, args.pretrained_model_name_or_path, student_checkpoint=args.student_checkpoint,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 __all__ = ["METHODS", "build_parser", "parse_args", "str2bool"]
 
-METHODS = ("scm", "meanflow")
+METHODS = ("scm", "meanflow", "rescale")
 BACKENDS = ("auto", "single", "ddp", "fsdp2", "deepspeed")
 JVP_MODES = ("dual", "func", "reference")
 
@@ -52,10 +52,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None)
     g.add_argument("--cache_dir", default=None, help="hub cache folder (passed to from_pretrained)")
     g.add_argument("--rescaled_checkpoint_path", default=None,
-                   help="the ×1 (rescaled) teacher checkpoint (.pt {'module': sd} or .safetensors) loaded into teacher "
-                        "and student; without it the folder's weights are used as they are")
-    g.add_argument("--time_scale", type=float, default=1.0,
-                   help="time/guidance input scale of teacher and student (1.0: the reference's ×1 models)")
+                   help="the ×1 (rescaled) teacher: the reference's .pt {'module': sd}, .safetensors, sharded "
+                        "safetensors or a transformer folder, loaded into teacher and student (a flow model: a "
+                        "student checkpoint is refused). Not needed with a folder written by `t2i-distill rescale`; "
+                        "without either, the stock folder's weights train at ×1000")
+    g.add_argument("--time_scale", type=float, default=None,
+                   help="time/guidance input scale; default: the scale the weights were trained at (a stock folder "
+                        "×1000, a rescaled checkpoint or folder ×1). A value that differs from the weights' is refused")
+    g.add_argument("--time_embedding_fp32", type=str2bool, default=None,
+                   help="compute the time/guidance sinusoids and embedding MLPs in float32 (default: on at ×1000, as "
+                        "rCM; off at ×1, as the reference)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
@@ -174,14 +180,39 @@ def _add_meanflow(p: argparse.ArgumentParser) -> None:
                    help="non-CFG JVP tangent: the teacher velocity, or ε − x0 as the reference (B2)")
 
 
+def _add_rescale(p: argparse.ArgumentParser) -> None:
+    from t2i_distill.losses.rescale import RESCALE_TIME_SAMPLERS
+    from t2i_distill.training.rescale import EMBEDDER_INITS
+
+    g = p.add_argument_group("rescale (the paper's ×1 teacher, §4.2.1; defaults explained in README)")
+    g.add_argument("--smooth_l1_beta", type=float, default=1.0, help="β of the smooth-L1 loss (default: %(default)s)")
+    g.add_argument("--rescale_time_sampler", default="uniform", choices=RESCALE_TIME_SAMPLERS,
+                   help="flow time t in [0, 1] shared by both models (default: %(default)s)")
+    g.add_argument("--rescale_time_mu", type=float, default=0.0, help="logit_normal: mean (default: %(default)s)")
+    g.add_argument("--rescale_time_sigma", type=float, default=1.0, help="logit_normal: std (default: %(default)s)")
+    g.add_argument("--rescale_guidance_range", type=float, nargs=2, default=[1.0, 6.0], metavar=("MIN", "MAX"),
+                   help="guidance drawn uniformly in [MIN, MAX] (default: 1 6)")
+    g.add_argument("--embedder_init", default="frequency_map", choices=EMBEDDER_INITS,
+                   help="student time/guidance embedders: remap the ×1000 sinusoid columns to ×1 (frequency_map) or "
+                        "keep the teacher's (copy) (default: %(default)s)")
+    g.add_argument("--rescale_gap_batches", type=_positive_int, default=2,
+                   help="fixed evaluation batches of the rescale gap (default: %(default)s)")
+    g.add_argument("--rescale_gap_buckets", type=_positive_int, default=4,
+                   help="time buckets of the rescale gap (default: %(default)s)")
+
+
+_DESCRIPTIONS = {"scm": "sCM distillation of FLUX", "meanflow": "MeanFlow distillation of FLUX",
+                 "rescale": "the paper's ×1 teacher: distil the stock ×1000 FLUX transformer into an identical ×1 copy"}
+
+
 def build_parser(method: str) -> argparse.ArgumentParser:
-    """The parser of ``t2i-distill train <method>``."""
+    """The parser of ``t2i-distill train <method>`` (``rescale``: ``t2i-distill rescale``)."""
     if method not in METHODS:
         raise ValueError(f"`method`: expected one of {METHODS}, got {method!r}")
-    p = argparse.ArgumentParser(prog=f"t2i-distill train {method}",
-                                description=f"{'sCM' if method == 'scm' else 'MeanFlow'} distillation of FLUX")
+    prog = "t2i-distill rescale" if method == "rescale" else f"t2i-distill train {method}"
+    p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTIONS[method])
     _add_common(p)
-    (_add_scm if method == "scm" else _add_meanflow)(p)
+    {"scm": _add_scm, "meanflow": _add_meanflow, "rescale": _add_rescale}[method](p)
     return p
 
 
@@ -260,6 +291,20 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--resolution must be a multiple of 16 (8× VAE, 2×2 patches), got {args.resolution}")
     if args.cpu and args.mixed_precision == "bf16":
         problems.append("--mixed_precision bf16 is for GPUs; drop it with --cpu")
+    if args.method == "rescale":
+        if args.rescaled_checkpoint_path:
+            problems.append("--rescaled_checkpoint_path: rescale starts from the stock ×1000 folder and writes the ×1 "
+                            "teacher; it takes no rescaled checkpoint")
+        if args.time_scale is not None:
+            problems.append(f"--time_scale {args.time_scale:g}: rescale's teacher runs at the stock folder's ×1000 and "
+                            "its student at ×1; drop the flag")
+        if not args.smooth_l1_beta > 0:
+            problems.append(f"--smooth_l1_beta must be > 0, got {args.smooth_l1_beta}")
+        low, high = args.rescale_guidance_range
+        if not 0 <= low <= high:
+            problems.append(f"--rescale_guidance_range must be MIN MAX with 0 <= MIN <= MAX, got {low:g} {high:g}")
+    elif args.time_scale is not None and not args.time_scale > 0:
+        problems.append(f"--time_scale must be > 0, got {args.time_scale}")
     if args.method == "meanflow":
         if not 0.0 <= args.ratio_r_not_equal_t <= 1.0:
             problems.append(f"--ratio_r_not_equal_t must lie in [0, 1], got {args.ratio_r_not_equal_t}")
@@ -269,7 +314,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             problems.append(f"--cfg_min_t ({args.cfg_min_t}) exceeds --cfg_max_t ({args.cfg_max_t})")
         if args.use_cfg_meanflow and args.cfg_prob == 0.0:
             problems.append("--use_cfg_meanflow needs unconditional samples: --cfg_prob must be > 0")
-    elif args.sigma_data <= 0:
+    elif args.method == "scm" and args.sigma_data <= 0:
         problems.append(f"--sigma_data must be positive, got {args.sigma_data}")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder")

@@ -349,12 +349,14 @@ class CheckpointManager:
 
 # -- export -----------------------------------------------------------------------------------------------------
 def export_student(state_dict: dict[str, torch.Tensor], path_or_dir: str | os.PathLike, step: int,
-                   formats: tuple[str, ...] = ("safetensors",)) -> list[Path]:
+                   formats: tuple[str, ...] = ("safetensors",), metadata: dict[str, str] | None = None) -> list[Path]:
     """Write the student alone for the pipelines: ``transformer_<step>.safetensors`` and/or the reference's
     ``transformer_<step>.pt`` holding ``{"module": state_dict}``, each written to a temporary name and renamed.
 
     ``path_or_dir``: a directory (created if needed), or a file path ending in ``.safetensors``/``.pt`` whose stem
     is used instead of ``transformer_<step>``. Both load with :func:`t2i_distill.models.load_state_dict_file`.
+    ``metadata`` (str → str, e.g. :func:`t2i_distill.models.checkpoint_files.metadata_for`'s kind and time scale) goes
+    into the safetensors header and, as ``{"t2i_distill": {...}}`` beside ``"module"``, into the ``.pt``.
     Returns the written paths. Call on the main rank with :meth:`Engine.state_dict_for_export`'s result."""
     if not isinstance(state_dict, dict) or not state_dict:
         raise ValueError(f"state_dict: expected a non-empty dict of tensors, got "
@@ -378,9 +380,11 @@ def export_student(state_dict: dict[str, torch.Tensor], path_or_dir: str | os.Pa
         out = directory / f"{stem}.{fmt}"
         tmp = directory / f".tmp-{stem}.{fmt}"
         if fmt == "safetensors":
-            _safetensors_save(state_dict, tmp, metadata={"format": "pt", "step": str(step)})
+            _safetensors_save(state_dict, tmp, metadata={"format": "pt", "step": str(step), **(metadata or {})})
         else:
-            _torch_save({"module": {k: v.detach().to("cpu") for k, v in state_dict.items()}}, tmp)
+            recorded = {k.removeprefix("t2i_distill."): v for k, v in (metadata or {}).items()}
+            extra = {"t2i_distill": recorded} if recorded else {}  # the reference reads only "module"
+            _torch_save({"module": {k: v.detach().to("cpu") for k, v in state_dict.items()}, **extra}, tmp)
         os.replace(tmp, out)
         written.append(out)
     _fsync_dir(directory)

@@ -65,6 +65,10 @@ class DistillationPair(nn.Module):
     def forward(self, batch: dict, step: int, draws=None):
         from t2i_distill import losses
 
+        if self.method == "rescale":
+            from t2i_distill.losses.rescale import rescale_loss
+
+            return rescale_loss(self.student, self.teacher, batch, config=self.loss_config, draws=draws)
         if self.method == "scm":
             return losses.scm_loss(self.student, self.teacher, batch, step=step, config=self.loss_config,
                                    draws=draws, jvp_mode=self.jvp_mode)
@@ -80,8 +84,9 @@ def loss_config_from_args(args):
     from dataclasses import fields
 
     from t2i_distill.losses import MeanFlowConfig, SCMConfig
+    from t2i_distill.losses.rescale import RescaleConfig
 
-    cls = SCMConfig if args.method == "scm" else MeanFlowConfig
+    cls = {"scm": SCMConfig, "meanflow": MeanFlowConfig, "rescale": RescaleConfig}[args.method]
     renamed = {"tangent": "meanflow_tangent"}
     values = {}
     for field in fields(cls):
@@ -100,17 +105,65 @@ def resolve_backend(args) -> str:
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
+#: The models of each method: (student kind, teacher kind).
+MODEL_KINDS = {"scm": ("trigflow", "trigflow"), "meanflow": ("meanflow", "flow"), "rescale": ("flow", "flow")}
+
+
+def _model_flags(args) -> dict[str, str]:
+    kind = "`t2i-distill rescale`" if args.method == "rescale" else f"`train {args.method}`"
+    return {"pretrained": "--pretrained_model_name_or_path", "checkpoint": "--rescaled_checkpoint_path",
+            "time_scale": "--time_scale", "kind": f"{kind}'s teacher"}
+
+
+def check_models(args) -> float:
+    """Every model refusal, from configs and checkpoint headers only, before any data or weights load; returns the
+    teacher's time scale."""
+    from t2i_distill.models.loading import check_load
+    from t2i_distill.models.time_scale import STOCK_TIME_SCALE
+
+    student_kind, teacher_kind = MODEL_KINDS[args.method]
+    common = {"checkpoint": args.rescaled_checkpoint_path, "accepted_kinds": ("flow",), "time_scale": args.time_scale,
+              "revision": args.revision, "cache_dir": args.cache_dir, "flags": _model_flags(args)}
+    check = check_load(args.pretrained_model_name_or_path, kind=teacher_kind, **common)
+    if args.method == "rescale":
+        if check.time_scale != STOCK_TIME_SCALE:
+            from t2i_distill.errors import ConfigurationError
+
+            raise ConfigurationError(f"--pretrained_model_name_or_path: rescale distils the stock ×1000 FLUX "
+                                     f"transformer into a ×1 copy, but {check.time_scale_why}; it is already "
+                                     f"×{check.time_scale:g}")
+        return check.time_scale
+    check_load(args.pretrained_model_name_or_path, kind=student_kind, **common)
+    return check.time_scale
+
+
 def load_models(args, device: torch.device, teacher_dtype: torch.dtype):
-    """(student, teacher) as the method needs them: sCM TrigFlow pair; MeanFlow dual-timestep student + flow teacher."""
+    """(student, teacher) as the method needs them: sCM TrigFlow pair; MeanFlow dual-timestep student + flow teacher;
+    rescale: a ×1 copy of the stock ×1000 teacher (embedders initialised by ``--embedder_init``)."""
     from t2i_distill.models import load_student
 
+    student_kind, teacher_kind = MODEL_KINDS[args.method]
     common = {"rescaled_checkpoint": args.rescaled_checkpoint_path, "time_scale": args.time_scale,
-              "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
-    student_kind, teacher_kind = ("trigflow", "trigflow") if args.method == "scm" else ("meanflow", "flow")
+              "time_embedding_fp32": args.time_embedding_fp32, "accepted_kinds": ("flow",),
+              "flags": _model_flags(args), "revision": args.revision, "variant": args.variant,
+              "cache_dir": args.cache_dir}
     student, report = load_student(args.pretrained_model_name_or_path, kind=student_kind, **common)
     logger.info("student: %s", report)
     teacher, _ = load_student(args.pretrained_model_name_or_path, kind=teacher_kind, torch_dtype=teacher_dtype,
                               **common)
+    if args.method == "rescale":
+        from t2i_distill.training.rescale import frequency_map_init
+
+        teacher_scale = float(student.config.time_scale)
+        # The student is the teacher's copy re-declared ×1 (the sinusoid then takes t, not 1000·t).
+        student.register_to_config(time_scale=1.0, time_embedding_fp32=False)
+        if args.embedder_init == "frequency_map":
+            changed = frequency_map_init(student, teacher_scale=teacher_scale, student_scale=1.0)
+            logger.info("student embedders remapped ×%g → ×1: %s", teacher_scale, ", ".join(changed))
+    elif student.config.time_scale != 1.0:
+        logger.warning("training on weights at ×%g with the time embeddings in %s; the paper found sCM at ×1000 "
+                       "unstable (§4.2.1): `t2i-distill rescale` makes the ×1 teacher", student.config.time_scale,
+                       "float32" if student.config.time_embedding_fp32 else "the model dtype")
     student.train()
     return student.to(device), teacher.to(device).eval().requires_grad_(False)
 
@@ -122,7 +175,7 @@ def prepare_student(student, args) -> None:
     if args.jvp in ("dual", "func"):
         apply_kernels_to_flux(student)
     if args.gradient_checkpointing:
-        if args.jvp == "dual":
+        if args.jvp == "dual" and args.method != "rescale":
             raise ValueError("--gradient_checkpointing: the fused dual pass (--jvp dual) keeps its activations and "
                              "cannot recompute blocks yet; use --jvp func for checkpointed training")
         student.enable_gradient_checkpointing()
@@ -215,6 +268,7 @@ def train(args, on_finish=None) -> dict:
     from t2i_distill.training.engine import seed_everything
 
     check_writable(args.output_dir, min_free_bytes=int(args.min_free_disk_gb * 2**30))
+    check_models(args)  # flags vs weights (kind, keys, time scale) before any data or weights load
     backend = resolve_backend(args)
     cuda = torch.cuda.is_available() and not args.cpu
     mixed = args.mixed_precision or ("bf16" if cuda else "no")
@@ -300,8 +354,21 @@ def train(args, on_finish=None) -> dict:
 
     trackers = Trackers(args, engine.is_main, {k: v for k, v in vars(args).items()
                                                if isinstance(v, (int, float, str, bool))})
-    validator = None
-    if args.validation_prompts and engine.is_main:
+    validator = gap = None
+    if args.method == "rescale":
+        from t2i_distill.training.rescale import RescaleGap, record_gap
+
+        gap = RescaleGap(_gap_batches(args, data, text_encoders, vae, seed), buckets=args.rescale_gap_buckets)
+
+        def measure_gap(step: int, when: str) -> None:
+            result = gap.measure(engine.unwrapped.student, teacher, autocast=engine.autocast)
+            if engine.is_main:
+                record_gap(args.output_dir, step, result, when)
+                trackers.log({"rescale_gap/overall": result["overall"],
+                              **{f"rescale_gap/t_{k}": v for k, v in result["buckets"].items()}}, step)
+
+        measure_gap(global_step, "start")
+    elif args.validation_prompts and engine.is_main:
         from t2i_distill.training.validation import Validator
 
         validator = Validator(args, text_encoders, vae, device)
@@ -313,9 +380,21 @@ def train(args, on_finish=None) -> dict:
         path = checkpoints.save(step, engine, extra=extra, per_rank_extra=per_rank)
         state = engine.state_dict_for_export()
         if engine.is_main:
+            from t2i_distill.models.checkpoint_files import metadata_for
+
             student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+            core = engine.unwrapped.student
             export_student(student_state, Path(args.output_dir), step,
-                           formats=("safetensors", "pt") if args.save_pt else ("safetensors",))
+                           formats=("safetensors", "pt") if args.save_pt else ("safetensors",),
+                           metadata=metadata_for(MODEL_KINDS[args.method][0], core.config.time_scale))
+            if args.method == "rescale" and step == args.max_train_steps:
+                from t2i_distill.training.rescale import write_rescaled_outputs
+
+                written = write_rescaled_outputs(student_state, dict(core.config), args.output_dir,
+                                                 args.pretrained_model_name_or_path, step, revision=args.revision,
+                                                 cache_dir=args.cache_dir)
+                logger.info("×1 teacher written: %s (pipeline folder) and %s (the reference's .pt)",
+                            written["folder"], written["pt"])
         return path
 
     def skip_nonfinite(what: str, in_a_row: int) -> int:
@@ -375,7 +454,11 @@ def train(args, on_finish=None) -> dict:
             if validator is not None and global_step % args.validation_steps == 0:
                 for tag, grid in validator.run(engine.unwrapped.student, ema, global_step).items():
                     trackers.log_images(tag, grid, global_step)
+            if gap is not None and global_step % args.validation_steps == 0 and global_step != args.max_train_steps:
+                measure_gap(global_step, "validation")
             engine.barrier()
+        if gap is not None:
+            measure_gap(global_step, "end")
         if on_finish is not None:
             on_finish(engine)
     finally:
@@ -384,6 +467,27 @@ def train(args, on_finish=None) -> dict:
         engine.close()
     return {"global_step": global_step, "counters": counters, "output_dir": str(args.output_dir),
             "latest_checkpoint": str(checkpoints.latest())}
+
+
+def _gap_batches(args, data, text_encoders, vae, seed: int) -> list[dict]:
+    """The rescale gap's fixed evaluation batches: the first ``--rescale_gap_batches`` of the data in an order of its
+    own (seed + 7919, one process), encoded like training batches; every rank builds the same ones."""
+    from t2i_distill.data import TrainData, encode_batch
+
+    order = TrainData(data.cfg, batch_size=args.train_batch_size, seed=seed + 7919, rank=0, world_size=1)
+    batches = []
+    # Own RNG (the VAE samples its posterior): the training stream must not depend on whether this ran, or a
+    # resumed run (which builds these again) would draw differently from an uninterrupted one.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and not args.cpu else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 7919)
+        for batch in order:
+            if text_encoders is not None:
+                batch = encode_batch(batch, text_encoders, vae, max_sequence_length=args.max_sequence_length)
+            batches.append({k: batch[k] for k in ("latents", "prompt_embeds", "pooled_prompt_embeds")})
+            if len(batches) == args.rescale_gap_batches:
+                break
+    return batches
 
 
 def _progress(enabled: bool, initial: int, total: int):
@@ -397,11 +501,19 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in ("scm", "meanflow"):
+    if not argv or argv[0] not in ("scm", "meanflow", "rescale"):
         print("usage: t2i-distill train {scm,meanflow} [flags]   (t2i-distill train scm --help lists the flags)")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv[0], argv[1:])
+    from t2i_distill.errors import ConfigurationError
+
+    try:
+        check_models(args)  # refusals as one message, before any data or weights load (train() checks again)
+    except ConfigurationError as error:
+        prog = "t2i-distill rescale" if argv[0] == "rescale" else f"t2i-distill train {argv[0]}"
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     summary = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"finished at step {summary['global_step']}; checkpoints in {summary['output_dir']} "

@@ -174,6 +174,12 @@ def test_export_round_trips_through_the_pipelines_loader(tmp_path):
         assert loaded.keys() == state.keys()
         assert all(torch.equal(loaded[k], state[k]) and loaded[k].dtype == state[k].dtype for k in state)
     assert torch.load(paths[1], weights_only=True).keys() == {"module"}  # the reference's layout
+    recorded = export_student(state, tmp_path / "meta", step=2, formats=("safetensors", "pt"),
+                              metadata={"t2i_distill.kind": "trigflow", "t2i_distill.time_scale": "1000.0"})
+    from t2i_distill.models import read_checkpoint
+
+    assert [(read_checkpoint(p).recorded_kind, read_checkpoint(p).time_scale) for p in recorded] == [
+        ("trigflow", 1000.0), ("trigflow", 1000.0)]
     (named,) = export_student(state, tmp_path / "ema_student.safetensors", step=3)
     assert named == tmp_path / "ema_student.safetensors" and not list(tmp_path.glob(".tmp-*"))
 
