@@ -96,10 +96,10 @@ class RescaleGap:
         return [f"{self.edges[i]:.2f}-{self.edges[i + 1]:.2f}" for i in range(len(self.edges) - 1)]
 
     @torch.no_grad()
-    def measure(self, student, teacher, autocast=None) -> dict:
+    def measure(self, outputs, student, autocast=None) -> dict:
+        """``outputs(batch, draws)`` → (student velocity, teacher velocity), e.g. a partial of
+        :func:`t2i_distill.losses.rescale.rescale_outputs`; ``student`` is put in eval mode meanwhile."""
         from contextlib import nullcontext
-
-        from t2i_distill.losses.rescale import rescale_outputs
 
         num = [0.0] * (len(self.edges) - 1)
         den = [0.0] * (len(self.edges) - 1)
@@ -108,7 +108,7 @@ class RescaleGap:
         try:
             for batch, draws, index in self.items:
                 with autocast() if autocast is not None else nullcontext():
-                    prediction, target = rescale_outputs(student, teacher, batch, draws)
+                    prediction, target = outputs(batch, draws)
                 num[index] += float(((prediction.float() - target.float()) ** 2).sum())
                 den[index] += float((target.float() ** 2).sum())
         finally:

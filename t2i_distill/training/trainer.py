@@ -62,9 +62,13 @@ class DistillationPair(nn.Module):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def forward(self, batch: dict, step: int, draws=None):
+    def forward(self, batch: dict, step: int, draws=None, outputs_only: bool = False):
         from t2i_distill import losses
 
+        if outputs_only:  # the rescale gap: (student, teacher) velocities, through the backend's wrapper like a step
+            from t2i_distill.losses.rescale import rescale_outputs
+
+            return rescale_outputs(self.student, self.teacher, batch, draws)
         if self.method == "rescale":
             from t2i_distill.losses.rescale import rescale_loss
 
@@ -361,7 +365,9 @@ def train(args, on_finish=None) -> dict:
         gap = RescaleGap(_gap_batches(args, data, text_encoders, vae, seed), buckets=args.rescale_gap_buckets)
 
         def measure_gap(step: int, when: str) -> None:
-            result = gap.measure(engine.unwrapped.student, teacher, autocast=engine.autocast)
+            # Through engine.module (FSDP2 gathers its root parameters in the wrapper's forward), on every rank.
+            result = gap.measure(lambda batch, draws: engine.module(batch, step, draws=draws, outputs_only=True),
+                                 engine.unwrapped.student, autocast=engine.autocast)
             if engine.is_main:
                 record_gap(args.output_dir, step, result, when)
                 trackers.log({"rescale_gap/overall": result["overall"],

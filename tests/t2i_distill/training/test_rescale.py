@@ -111,3 +111,33 @@ def test_refusals_name_the_flags(folder, images, tmp_path, capsys):  # noqa: F81
     # The stock folder at ×1 without a checkpoint: refused by the CLI before anything loads, exit status 2.
     assert main(["scm", *flags(folder, images, tmp_path / "scm", "--time_scale", "1")]) == 2
     assert "--time_scale 1: the weights were trained at ×1000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
+def test_rescale_on_two_processes(folder, images, tmp_path, backend):  # noqa: F811
+    """torchrun, 2 gloo processes: the gap is measured on every rank (FSDP2 gathers shards in its forward), the
+    ranks agree, and the main rank writes the ×1 outputs."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.t2i_distill.training.test_trainer import REPO, WORKER, _free_port
+
+    out = tmp_path / backend
+    extra = ["--max_train_steps", "2", "--jvp", "reference", "--checkpointing_steps", "2", "--backend", backend,
+             "--train_batch_size", "1", "--rescale_gap_batches", "1"]
+    if backend == "deepspeed":
+        ds = json.loads((REPO / "parallel_config" / "deepspeed_bf16_batch1.json").read_text())
+        ds["bf16"]["enabled"] = False  # CPU: fp32
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        extra += ["--deepspeed_config", str(tmp_path / "ds.json")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(WORKER), "rescale", *flags(folder, images, out, *extra)], capture_output=True, text=True, env=env,
+        timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    states = [torch.load(out / f"rank{r}_state.pt", weights_only=True) for r in (0, 1)]
+    assert states[0] and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert [g["when"] for g in _gaps(out)] == ["start", "end"]
+    assert (out / "rescaled" / "transformer" / "config.json").is_file() and (out / "rescaled_transformer.pt").is_file()
