@@ -67,8 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
             folder = str(write_tiny_flux_pipeline(Path(tmp) / "tiny", seed=0))
         rows = []
+        from t2i_distill.models import load_student
+
         for method in ("teacher", "scm", "meanflow"):
-            pipe = load_pipeline(method, folder)
+            # Throughput only: an untrained student of the folder, built here and passed in (a student sampler
+            # refuses to fall back to base weights on its own).
+            kind = {"scm": "trigflow", "meanflow": "meanflow"}.get(method)
+            student = None if kind is None else load_student(folder, kind=kind)[0]
+            pipe = load_pipeline(method, folder, transformer=student)
             for steps in STEPS:
                 rate, cpu_rate = images_per_second(pipe, steps, args.resolution, args.images, args.repeats,
                                                    args.max_sequence_length)

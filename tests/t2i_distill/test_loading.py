@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from t2i_distill.errors import ConfigurationError
 from t2i_distill.models import FluxStudent, LoadReport, TrigFlowStudent, load_state_dict_file, load_student
 from t2i_distill.tiny import TINY_FLUX_CONFIG, build_tiny_flux
 
@@ -129,7 +130,8 @@ def test_hub_id_through_an_offline_local_cache(stock, tmp_path, monkeypatch):
     assert set(report.initialised_from) == {"timestep_embedder2"}
     assert torch.equal(model.timestep_embedder2.linear_1.weight, checkpoint[EMBEDDER + "linear_1.weight"])
 
-    with pytest.raises(OSError, match="tiny-org/other"):  # not in the cache, and offline: no download attempted
+    # Not in the cache, and offline: no download attempted; named with the flag, not as a raw hub error.
+    with pytest.raises(ConfigurationError, match="--pretrained_model_name_or_path 'tiny-org/other'"):
         load_student("tiny-org/other", cache_dir=tmp_path / "hub")
 
 

@@ -74,10 +74,10 @@ def test_a_folder_is_complete_only_with_metadata_and_every_image(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scm_pipe(tiny_folder):
+def scm_pipe(tiny_folder, students):
     from t2i_distill.pipelines import load_pipeline
 
-    return load_pipeline("scm", tiny_folder)
+    return load_pipeline("scm", tiny_folder, student_checkpoint=students["scm"])
 
 
 def test_layout_and_resume(tmp_path, scm_pipe):
@@ -102,22 +102,23 @@ def test_layout_and_resume(tmp_path, scm_pipe):
     assert (tmp_path / "seed7" / "00001" / "samples" / "0001.png").read_bytes() != original
 
 
-def _launch(tiny_folder, metadata_path, out, rank, world):
+def _launch(tiny_folder, student, metadata_path, out, rank, world):
     # One intra-op thread, as this test process (tests/conftest.py): float sums depend on the thread count, and the
     # claim under test is that images do not depend on the number of *processes*.
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "t2i_distill.eval.geneval", "--metadata", str(metadata_path), "--output_dir",
            str(out), "--pretrained_model_name_or_path", str(tiny_folder), "--method", "scm",
+           "--student_checkpoint", str(student),
            "--num_inference_steps", "1", "--resolution", "64", "--max_sequence_length", "16", "--images_per_prompt",
            "2", "--device", "cpu"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_one_and_two_processes_write_identical_images(tmp_path, tiny_folder, scm_pipe):
+def test_one_and_two_processes_write_identical_images(tmp_path, tiny_folder, students, scm_pipe):
     """Two launched ranks (RANK/WORLD_SIZE as torchrun sets them) reproduce the single-process run file for file."""
     metadata = mini_geneval_metadata(per_task=1)
     metadata_path = write_metadata_jsonl(tmp_path / "meta.jsonl", metadata)
-    procs = [_launch(tiny_folder, metadata_path, tmp_path / "two", rank, 2) for rank in (0, 1)]
+    procs = [_launch(tiny_folder, students["scm"], metadata_path, tmp_path / "two", rank, 2) for rank in (0, 1)]
     run_geneval(scm_pipe, metadata, tmp_path / "one", images_per_prompt=2, seed=42, rank=0, world_size=1, log=None,
                 **SETTINGS)
     logs = [p.communicate(timeout=600)[0] for p in procs]

@@ -55,3 +55,21 @@ def test_bad_arguments(tiny_folder, tmp_path):
         load_pipeline("scm", tiny_folder, torch_dtype="bf16")
     with pytest.raises(FileNotFoundError):
         load_pipeline("scm", tiny_folder, student_checkpoint=tmp_path / "missing.pt")
+
+
+def test_no_student_and_a_wrong_kind_are_refused_before_anything_loads(tiny_folder, students, monkeypatch):
+    from t2i_distill.errors import ConfigurationError
+    from t2i_distill.pipelines.loading import check_pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("t2i_distill.models.loading.load_student", no_loading)
+    for method in ("scm", "meanflow"):
+        with pytest.raises(ConfigurationError, match=rf"--method {method} needs a student.*untrained base model"):
+            load_pipeline(method, tiny_folder)
+    with pytest.raises(ConfigurationError, match=r"is a MeanFlow student .*--method scm needs an sCM student"):
+        check_pipeline("scm", tiny_folder, students["meanflow"])
+    with pytest.raises(ConfigurationError, match=r"is an sCM student .*--method teacher needs a flow model"):
+        check_pipeline("teacher", tiny_folder, students["scm"])
+    assert check_pipeline("teacher", tiny_folder) is None  # the stock folder's own ×1000 transformer

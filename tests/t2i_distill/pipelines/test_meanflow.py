@@ -16,8 +16,8 @@ CALL = {"height": 64, "width": 64, "max_sequence_length": TOKENS}
 
 
 @pytest.fixture(scope="module")
-def mf_fp32(tiny_folder):
-    return load_pipeline("meanflow", tiny_folder)
+def mf_fp32(tiny_folder, students):
+    return load_pipeline("meanflow", tiny_folder, student_checkpoint=students["meanflow"])
 
 
 def _time_inputs(calls):
@@ -44,8 +44,8 @@ def test_time_inputs_at_both_resolutions(mf_fp32, pixels, steps, spec):
     assert t.dtype == torch.float32
 
 
-def test_bf16_time_inputs_are_not_quantised_by_default_but_are_with_the_flag(tiny_folder):
-    pipe = load_pipeline("meanflow", tiny_folder, torch_dtype=torch.bfloat16)
+def test_bf16_time_inputs_are_not_quantised_by_default_but_are_with_the_flag(tiny_folder, students):
+    pipe = load_pipeline("meanflow", tiny_folder, student_checkpoint=students["meanflow"], torch_dtype=torch.bfloat16)
     sigmas, timesteps = meanflow_sigmas(4, 1024)
     kw = {"num_inference_steps": 4, "height": 512, "width": 512, "max_sequence_length": TOKENS,
           "output_type": "latent"}
@@ -91,8 +91,8 @@ def test_seeds_reproduce_images_bit_for_bit(mf_fp32):
     assert np.abs(first - other).max() > 1e-3
 
 
-def test_bf16_runs_and_tracks_fp32(tiny_folder, mf_fp32):
-    pipe = load_pipeline("meanflow", tiny_folder, torch_dtype=torch.bfloat16)
+def test_bf16_runs_and_tracks_fp32(tiny_folder, mf_fp32, students):
+    pipe = load_pipeline("meanflow", tiny_folder, student_checkpoint=students["meanflow"], torch_dtype=torch.bfloat16)
     with recorded_calls(pipe.transformer) as calls:
         half = pipe(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(6), output_type="latent",
                     **CALL).images

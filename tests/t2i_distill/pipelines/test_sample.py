@@ -21,12 +21,13 @@ def test_prompts_from_flags_and_a_file(tmp_path):
         sample.read_prompts(None, str(tmp_path / "missing.txt"))
 
 
-def test_sample_command_writes_pngs_and_a_grid(tmp_path, tiny_folder, capsys):
+def test_sample_command_writes_pngs_and_a_grid(tmp_path, tiny_folder, students, capsys):
     parser = argparse.ArgumentParser()
     sample.add_subparser(parser.add_subparsers(dest="command"))
     out = tmp_path / "samples"
     args = parser.parse_args([
-        "sample", "--pretrained_model_name_or_path", str(tiny_folder), "--method", "meanflow", "--prompt",
+        "sample", "--pretrained_model_name_or_path", str(tiny_folder), "--method", "meanflow",
+        "--student_checkpoint", str(students["meanflow"]), "--prompt",
         "one red circle", "--prompt", "two blue squares", "--num_images_per_prompt", "2", "--num_inference_steps",
         "1", "--resolution", "64", "--max_sequence_length", "16", "--output_dir", str(out), "--seed", "5"])
     assert args.func(args) == 0
@@ -41,7 +42,7 @@ def test_sample_command_writes_pngs_and_a_grid(tmp_path, tiny_folder, capsys):
     from t2i_distill.eval.geneval import prompt_seed
     from t2i_distill.pipelines import load_pipeline
 
-    pipe = load_pipeline("meanflow", tiny_folder)
+    pipe = load_pipeline("meanflow", tiny_folder, student_checkpoint=students["meanflow"])
     alone = pipe("two blue squares", num_inference_steps=1, height=64, width=64, max_sequence_length=16,
                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(prompt_seed(5, 1))).images
     np.testing.assert_array_equal(np.asarray(alone[1]), np.asarray(Image.open(out / "001_01.png")))

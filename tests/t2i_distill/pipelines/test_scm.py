@@ -16,8 +16,8 @@ CALL = {"height": 64, "width": 64, "max_sequence_length": TOKENS}
 
 
 @pytest.fixture(scope="module")
-def scm_fp32(tiny_folder):
-    return load_pipeline("scm", tiny_folder)
+def scm_fp32(tiny_folder, students):
+    return load_pipeline("scm", tiny_folder, student_checkpoint=students["scm"])
 
 
 def test_loads_a_trigflow_student_and_the_scm_scheduler(scm_fp32):
@@ -70,7 +70,8 @@ def test_two_steps_equal_a_hand_computation_with_fresh_noise(scm_fp32):
 def test_flow_student_with_the_maps_equals_the_trigflow_student(scm_fp32, tiny_folder):
     from t2i_distill.models.loading import load_student
 
-    flow, _ = load_student(tiny_folder, kind="flow")
+    flow, _ = load_student(tiny_folder, kind="flow")  # the stock folder: ×1000; the student checkpoint is ×1
+    flow.register_to_config(time_scale=1.0, time_embedding_fp32=False)
     cond = conditioning(scm_fp32)
     x_hat = torch.randn(1, 16, 64)
     for angle in (1.5708, 1.0, 0.3):
@@ -92,9 +93,9 @@ def test_seeds_reproduce_images_bit_for_bit(scm_fp32):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_runs_without_autocast_and_stays_in_dtype(tiny_folder, scm_fp32, dtype):
+def test_half_precision_runs_without_autocast_and_stays_in_dtype(tiny_folder, scm_fp32, students, dtype):
     """B10: every step's latents reach the model in its own dtype; the result tracks the fp32 pipeline."""
-    pipe = load_pipeline("scm", tiny_folder, torch_dtype=dtype)
+    pipe = load_pipeline("scm", tiny_folder, student_checkpoint=students["scm"], torch_dtype=dtype)
     with recorded_calls(pipe.transformer) as calls:
         half = pipe(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(5), output_type="latent",
                     **CALL).images
