@@ -248,8 +248,10 @@ def trigflow_forward_jvp(
     s_b11, ts_b11 = s.view(-1, 1, 1), ts.view(-1, 1, 1)
     x_s, tx_s = _map_jvp(lambda x, s: x * flow_input_scale(s), (hidden_states, s_b11), (t_hidden_states, ts_b11))
     x_s, tx_s = x_s.to(prompt_dtype), tx_s.to(prompt_dtype)
-    v, tv = flux_forward_jvp(model, x_s, tx_s, encoder_hidden_states, pooled_projections, s, ts, img_ids, txt_ids,
-                             guidance=guidance)
+    s_embed, ts_embed = (s, ts) if not model.config.get("time_embedding_fp32", False) else _map_jvp(
+        trigflow_to_flow_time, (t.float(),), (tt.float(),))  # TrigFlowStudent.embedding_time, with its tangent
+    v, tv = flux_forward_jvp(model, x_s, tx_s, encoder_hidden_states, pooled_projections, s_embed, ts_embed, img_ids,
+                             txt_ids, guidance=guidance)
     velocity, t_velocity = _map_jvp(flow_to_trigflow_velocity, (x_s, v, s_b11), (tx_s, tv, ts_b11))
     if return_logvar:
         return velocity, t_velocity, model.logvar(t, pooled_projections, guidance)

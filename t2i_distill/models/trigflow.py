@@ -120,6 +120,12 @@ class TrigFlowStudent(FluxStudent):
         self.logvar_linear = nn.Linear(self.inner_dim, 1)
         self.reset_logvar_parameters()
 
+    def embedding_time(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The flow time the time embedding gets: ``s`` (prompt dtype, the reference's cast), or with
+        ``time_embedding_fp32`` s recomputed in float32 from the same angle, so that at ×1000 the embedding is a
+        precise function of the angle instead of the bf16-rounded s (whose rounding ×1000 is several time units)."""
+        return trigflow_to_flow_time(t.float()) if self.config.get("time_embedding_fp32", False) else s
+
     def reset_logvar_parameters(self) -> None:
         """The reference's initialisation of the logvar head: Xavier-uniform weight, zero bias."""
         nn.init.xavier_uniform_(self.logvar_linear.weight)
@@ -182,7 +188,7 @@ class TrigFlowStudent(FluxStudent):
             hidden_states=x_s,
             encoder_hidden_states=encoder_hidden_states,
             pooled_projections=pooled_projections,
-            timestep=s,
+            timestep=self.embedding_time(t, s),
             img_ids=img_ids,
             txt_ids=txt_ids,
             guidance=guidance,
