@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config = LITE8B
     rows = measure(config, points=args.points)
-    print(f"machine: {platform.machine()} CPU, torch {torch.__version__}; widths: {'tiny' if args.tiny else 'lite-8B'}; "
+    widths = "tiny" if args.tiny else "lite-8B"
+    print(f"machine: {platform.machine()} CPU, torch {torch.__version__}; widths: {widths}; "
           f"{args.points} t in [0.001, 0.999], guidance 3.5; relative L2 error vs float64")
     print("| variant | scale | temb median | temb max | tangent median | tangent max |")
     print("|---|---|---|---|---|---|")
