@@ -120,7 +120,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu", action="store_true", help="train on the CPU (gloo), e.g. for tests")
     g.add_argument("--jvp", default="dual", choices=JVP_MODES,
                    help="dual: one fused primal+tangent pass; func: torch.func.jvp over the kernel-patched student; "
-                        "reference: torch.func.jvp with math attention, as the reference")
+                        "reference: torch.func.jvp with math attention, as the reference. rescale has no JVP: "
+                        "dual/func run its student on the Triton kernels, reference on diffusers' attention")
 
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", default="t2i-distill-output")
@@ -298,6 +299,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         if args.time_scale is not None:
             problems.append(f"--time_scale {args.time_scale:g}: rescale's teacher runs at the stock folder's ×1000 and "
                             "its student at ×1; drop the flag")
+        if args.validation_prompts:
+            problems.append("--validation_prompts: rescale samples no images; it reports the rescale gap every "
+                            "--validation_steps (sample its output with `t2i-distill sample --method teacher`)")
         if not args.smooth_l1_beta > 0:
             problems.append(f"--smooth_l1_beta must be > 0, got {args.smooth_l1_beta}")
         low, high = args.rescale_guidance_range

@@ -141,3 +141,30 @@ def test_rescale_on_two_processes(folder, images, tmp_path, backend):  # noqa: F
     assert states[0] and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert [g["when"] for g in _gaps(out)] == ["start", "end"]
     assert (out / "rescaled" / "transformer" / "config.json").is_file() and (out / "rescaled_transformer.pt").is_file()
+
+
+def test_a_cache_of_the_stock_folder_serves_rescale_and_the_rescaled_folder(folder, images, tmp_path):  # noqa: F811
+    """The cache depends on the text encoders and VAE only, which the ×1 folder links from the stock one."""
+    from t2i_distill.data import DataConfig, build_cache
+
+    cache = tmp_path / "cache"
+    build_cache(DataConfig(train_data_dir=str(images), resolution=32), cache, str(folder), max_sequence_length=8,
+                rank=0, world_size=1)
+
+    def cached(base):
+        i = base.index("--train_data_dir")
+        return [*base[:i], "--cached_dataset", str(cache), *base[i + 2:]]
+
+    out = tmp_path / "rescale"
+    train(parse_args("rescale", cached(flags(folder, images, out, "--jvp", "reference", "--max_train_steps", "2",
+                                             "--checkpointing_steps", "2", "--learning_rate", "1e-4"))))
+    assert [g["when"] for g in _gaps(out)] == ["start", "end"]
+    summary = train(parse_args("meanflow", cached(flags(out / "rescaled", images, tmp_path / "mf", "--jvp",
+                                                        "reference", "--max_train_steps", "1"))))
+    assert summary["global_step"] == 1
+    other = tmp_path / "other"  # a different stock folder: its cache is refused, as before
+    from t2i_distill.tiny_pipeline import write_tiny_flux_pipeline
+
+    write_tiny_flux_pipeline(other, seed=1)
+    with pytest.raises(ValueError, match="does not match"):
+        train(parse_args("rescale", cached(flags(other, images, tmp_path / "x", "--max_train_steps", "1"))))
