@@ -22,7 +22,7 @@ __all__ = ["METHODS", "build_parser", "parse_args", "str2bool"]
 
 METHODS = ("scm", "meanflow", "rescale")
 BACKENDS = ("auto", "single", "ddp", "fsdp2", "deepspeed")
-JVP_MODES = ("dual", "func", "reference")
+JVP_MODES = ("auto", "dual", "func", "reference")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -114,12 +114,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: deepspeed when --deepspeed_config is given, ddp with several processes, else single")
     g.add_argument("--deepspeed_config", "--ds_file", dest="deepspeed_config", default=None,
-                   help="a DeepSpeed JSON (parallel_config/); implies --backend deepspeed")
+                   help="a DeepSpeed JSON (parallel_config/); implies --backend deepspeed. Its micro-batch, "
+                        "accumulation, gradient_clipping and bf16.enabled are taken for the flags not given; a given "
+                        "flag that differs is refused")
     g.add_argument("--mixed_precision", default=None, choices=["no", "bf16"],
-                   help="default: bf16 on CUDA, no on CPU (or the DeepSpeed JSON's bf16 section)")
+                   help="default: the DeepSpeed JSON's bf16.enabled when it sets one, else bf16 on CUDA and no on CPU")
     g.add_argument("--cpu", action="store_true", help="train on the CPU (gloo), e.g. for tests")
-    g.add_argument("--jvp", default="dual", choices=JVP_MODES,
-                   help="dual: one fused primal+tangent pass; func: torch.func.jvp over the kernel-patched student; "
+    g.add_argument("--jvp", default="auto", choices=JVP_MODES,
+                   help="auto: dual on CUDA (func with --gradient_checkpointing), reference on a CPU (where the Triton "
+                        "kernels run in the slow interpreter); dual: one fused primal+tangent pass; func: "
+                        "torch.func.jvp over the kernel-patched student; "
                         "reference: torch.func.jvp with math attention, as the reference. rescale has no JVP: "
                         "dual/func run its student on the Triton kernels, reference on diffusers' attention")
 
@@ -238,12 +242,22 @@ def _load_config_file(path: str) -> dict:
     return data
 
 
-def parse_args(method: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and validate; raise ``SystemExit`` (argparse's error, naming the flag) on a bad combination."""
+def parse_args(method: str, argv: list[str] | None = None, check_files: bool = False) -> argparse.Namespace:
+    """Parse and validate; raise ``SystemExit`` (argparse's error) listing every problem at once, each naming its flag.
+
+    Besides the flags' own checks: the DeepSpeed JSON's settings are taken for the flags not given (or refused when a
+    given flag differs), optional packages are checked, ``--jvp auto`` is resolved (:mod:`.preflight`), and with
+    ``check_files`` the model folder and checkpoint are checked from their configs and headers (nothing loads).
+    """
+    import torch
+
+    from t2i_distill.training.preflight import explicit_flags, missing_packages, resolve_jvp, take_deepspeed_settings
+
     parser = build_parser(method)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
+    values = {}
     if known.config:
         try:
             values = _load_config_file(known.config)
@@ -265,9 +279,29 @@ def parse_args(method: str, argv: list[str] | None = None) -> argparse.Namespace
         parser.set_defaults(**converted)
     args = parser.parse_args(argv)
     args.method = method
+    explicit = explicit_flags(parser, argv, config_keys=values)
     problems = validate_args(args)
+    cuda = torch.cuda.is_available() and not args.cpu
+    ds_problems, notes = take_deepspeed_settings(args, explicit, cuda)
+    problems += ds_problems
+    backend = args.backend if args.backend != "auto" else ("deepspeed" if args.deepspeed_config else "ddp/single")
+    problems += missing_packages(args, backend)
+    if args.gradient_checkpointing and args.jvp == "dual" and method != "rescale":
+        problems.append("--gradient_checkpointing with --jvp dual: the fused dual pass keeps its activations and "
+                        "cannot recompute blocks yet; use --jvp func (or auto, which picks func)")
+    note = resolve_jvp(args, cuda)
+    if check_files and args.pretrained_model_name_or_path:
+        from t2i_distill.errors import ConfigurationError
+        from t2i_distill.training.trainer import check_models
+
+        try:
+            check_models(args)
+        except ConfigurationError as error:
+            problems.append(str(error))
     if problems:
-        parser.error("; ".join(problems))
+        parser.error(problems[0] if len(problems) == 1 else
+                     f"{len(problems)} problems:\n" + "\n".join(f"  - {problem}" for problem in problems))
+    args.preflight_notes = notes + ([note] if note else [])
     return args
 
 

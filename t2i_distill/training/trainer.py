@@ -270,11 +270,15 @@ def train(args, on_finish=None) -> dict:
     from t2i_distill.data import DataConfig, TrainData, encode_batch, load_cache_manifest, load_empty_prompt
     from t2i_distill.training import EMA, CheckpointManager, EngineConfig, build_engine, check_writable, export_student
     from t2i_distill.training.engine import seed_everything
+    from t2i_distill.training.preflight import resolve_jvp
 
     check_writable(args.output_dir, min_free_bytes=int(args.min_free_disk_gb * 2**30))
     check_models(args)  # flags vs weights (kind, keys, time scale) before any data or weights load
     backend = resolve_backend(args)
     cuda = torch.cuda.is_available() and not args.cpu
+    for note in [*getattr(args, "preflight_notes", []), resolve_jvp(args, cuda)]:  # resolve_jvp: API callers
+        if note:
+            (logger.warning if "slower" in note else logger.info)("%s", note)
     mixed = args.mixed_precision or ("bf16" if cuda else "no")
     if args.allow_tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -511,15 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: t2i-distill train {scm,meanflow} [flags]   (t2i-distill train scm --help lists the flags)")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv[0], argv[1:])
-    from t2i_distill.errors import ConfigurationError
-
-    try:
-        check_models(args)  # refusals as one message, before any data or weights load (train() checks again)
-    except ConfigurationError as error:
-        prog = "t2i-distill rescale" if argv[0] == "rescale" else f"t2i-distill train {argv[0]}"
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+    # Every refusal that flags, files and installed packages decide, at once, before any data or weights load.
+    args = parse_args(argv[0], argv[1:], check_files=True)
     summary = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"finished at step {summary['global_step']}; checkpoints in {summary['output_dir']} "

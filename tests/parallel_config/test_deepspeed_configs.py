@@ -42,24 +42,39 @@ def test_exactly_the_reference_micro_batches_ship():
 
 
 @pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
-def test_no_auto_values_and_explicit_clipping(micro_batch):
+def test_only_the_clip_is_auto_as_in_the_reference(micro_batch):
+    """``gradient_clipping: "auto"`` as the reference's JSONs: the trainer fills it from --max_grad_norm (which
+    therefore takes effect, B5); everything else is explicit."""
     raw = json.loads(_config_path(micro_batch).read_text())
-    assert not _has_auto(raw), "every value must be explicit: DeepSpeed itself cannot resolve 'auto'"
-    assert isinstance(raw["gradient_clipping"], float)
+    assert raw["gradient_clipping"] == "auto"
+    assert not _has_auto({k: v for k, v in raw.items() if k != "gradient_clipping"})
+
+
+def _resolved(micro_batch: int, world_size: int, tmp_path: Path, max_grad_norm: float = 1.0) -> Path:
+    """What DeepSpeed receives: the file completed by the trainer's resolver."""
+    from t2i_distill.training import resolve_deepspeed_config
+
+    config = resolve_deepspeed_config(_config_path(micro_batch), micro_batch_size=micro_batch,
+                                      gradient_accumulation_steps=1, max_grad_norm=max_grad_norm,
+                                      mixed_precision="bf16", world_size=world_size)
+    path = tmp_path / "resolved.json"
+    path.write_text(json.dumps(config))
+    return path
 
 
 @pytest.mark.parametrize("world_size", [1, 8])
 @pytest.mark.parametrize("micro_batch", MICRO_BATCHES)
-def test_parses_with_deepspeed(monkeypatch, micro_batch, world_size):
+def test_parses_with_deepspeed(monkeypatch, tmp_path, micro_batch, world_size):
     # DeepSpeedConfig reads the rank from torch.distributed; without a process group it would fall back to a
     # world of 1 and ignore `mpu`. Rank 0 of a `world_size` data-parallel group is what a launcher would give it.
     monkeypatch.setattr(deepspeed_config.dist, "get_rank", lambda *a, **k: 0)
-    cfg = deepspeed_config.DeepSpeedConfig(str(_config_path(micro_batch)), mpu=_DataParallelGroup(world_size))
+    cfg = deepspeed_config.DeepSpeedConfig(str(_resolved(micro_batch, world_size, tmp_path)),
+                                           mpu=_DataParallelGroup(world_size))
 
     assert cfg.train_micro_batch_size_per_gpu == micro_batch
     assert cfg.gradient_accumulation_steps == 1
     assert cfg.train_batch_size == micro_batch * world_size
-    assert cfg.gradient_clipping == 1.0  # the clip the reference effectively trained with (spec §5 B5)
+    assert cfg.gradient_clipping == 1.0  # --max_grad_norm's default: the clip the reference effectively trained with
     assert cfg.bfloat16_config.enabled and not cfg.float16_config.enabled
     zero = cfg.zero_config
     assert zero.stage == 2

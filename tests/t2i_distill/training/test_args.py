@@ -11,14 +11,17 @@ from t2i_distill.training.args import build_parser, parse_args, str2bool
 BASE = ["--pretrained_model_name_or_path", "some/folder", "--train_data_dir", "images"]
 
 
-def test_reference_flag_names_parse_with_the_reference_defaults():
+def test_reference_flag_names_parse_with_the_reference_defaults(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the reference's setting: GPUs, bf16 JSON
     args = parse_args("scm", BASE + ["--ds_file", "parallel_config/deepspeed_bf16_batch8.json", "--logit_mean", "0.2",
                                      "--logit_std", "1.6", "--gradient_checkpointing", "--allow_tf32",
                                      "--max_grad_norm", "0.1", "--checkpointing_steps", "1000"])
     assert args.deepspeed_config == "parallel_config/deepspeed_bf16_batch8.json"  # --ds_file is an alias
     assert (args.logit_mean, args.logit_std, args.max_grad_norm) == (0.2, 1.6, 0.1)
     assert args.sigma_data == 0.5 and args.tangent_warmup_steps == 4000 and args.scm_cfg_scale == [4.0, 4.5, 5.0]
-    assert args.gradient_checkpointing and args.jvp == "dual" and args.method == "scm"
+    # --jvp auto with --gradient_checkpointing on CUDA: func (the fused dual pass cannot recompute blocks yet).
+    assert args.gradient_checkpointing and args.jvp == "func" and args.method == "scm"
+    assert args.train_batch_size == 8 and args.mixed_precision == "bf16"  # taken from the JSON (flags not given)
 
 
 def test_meanflow_defaults_are_appendix_a():
@@ -103,3 +106,48 @@ def test_help_lists_every_group():
     text = build_parser("scm").format_help()
     for flag in ("--jvp", "--backend", "--ema_decay", "--validation_prompts", "--checkpoints_total_limit"):
         assert flag in text
+
+
+# -- preflight: every refusal at once, before anything loads (issue: a port took four runs, one refusal each) --------
+DS8 = "parallel_config/deepspeed_bf16_batch8.json"
+
+
+def test_every_problem_is_reported_at_once_with_its_flag(capsys, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(SystemExit):
+        parse_args("scm", ["--pretrained_model_name_or_path", str(tmp_path / "absent"), "--train_data_dir", "d",
+                           "--ds_file", DS8, "--train_batch_size", "4", "--gradient_checkpointing", "--jvp", "dual",
+                           "--resolution", "30"], check_files=True)
+    err = capsys.readouterr().err
+    assert "problems:" in err
+    for needle in ("--resolution must be a multiple of 16", "--train_batch_size 4 disagrees with the DeepSpeed JSON's "
+                   "train_micro_batch_size_per_gpu 8", 'pip install "t2i-distill[deepspeed]"',
+                   "--gradient_checkpointing with --jvp dual", "the folder does not exist"):
+        assert needle in err, needle
+
+
+def test_deepspeed_json_settings_are_taken_when_the_flags_are_not_given(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    args = parse_args("scm", [*BASE, "--deepspeed_config", DS8])
+    assert (args.train_batch_size, args.gradient_accumulation_steps, args.mixed_precision) == (8, 1, "bf16")
+    assert args.max_grad_norm == 1.0 and any("from the DeepSpeed JSON" in note for note in args.preflight_notes)
+
+
+def test_a_bf16_json_on_a_cpu_is_refused_naming_the_file(capsys):
+    with pytest.raises(SystemExit):
+        parse_args("scm", [*BASE, "--deepspeed_config", DS8, "--cpu"])
+    assert "enables bf16, which this run cannot use without a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda, extra, mode", [(False, [], "reference"), (True, [], "dual"),
+                                               (True, ["--gradient_checkpointing"], "func"),
+                                               (False, ["--jvp", "dual"], "dual")])
+def test_jvp_auto_picks_by_device_and_says_why(monkeypatch, cuda, extra, mode):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
+    args = parse_args("scm", [*BASE, *extra])
+    assert args.jvp == mode and len(args.preflight_notes) == 1
+    if not cuda:
+        assert "interpreter" in args.preflight_notes[0]

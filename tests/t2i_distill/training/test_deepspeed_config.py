@@ -14,17 +14,23 @@ TRAINER = dict(micro_batch_size=8, gradient_accumulation_steps=1, max_grad_norm=
                world_size=8)
 
 
-def test_shipped_json_resolves_unchanged_but_for_the_untested_optimizer_flag():
+def test_shipped_json_resolves_unchanged_but_for_the_clip_and_the_untested_optimizer_flag():
     path = CONFIG_DIR / "deepspeed_bf16_batch8.json"
     resolved = resolve_deepspeed_config(path, **TRAINER)
     raw = json.loads(path.read_text())
-    assert resolved == {**raw, "train_batch_size": 64, "zero_allow_untested_optimizer": True}
+    assert resolved == {**raw, "gradient_clipping": 1.0, "train_batch_size": 64, "zero_allow_untested_optimizer": True}
 
 
-def test_the_reference_scripts_max_grad_norm_contradicts_the_json_and_is_an_error():
-    # train_*.sh pass --max_grad_norm=0.1 with JSONs that clip at 1.0: the reference silently clipped at 1.0
+def test_the_reference_scripts_max_grad_norm_takes_effect():
+    # train_*.sh pass --max_grad_norm=0.1 with "auto" JSONs, which accelerate filled with 1.0 (B5): here 0.1 is used
+    resolved = resolve_deepspeed_config(CONFIG_DIR / "deepspeed_bf16_batch8.json", **{**TRAINER, "max_grad_norm": 0.1})
+    assert resolved["gradient_clipping"] == 0.1
+
+
+def test_an_explicit_json_clip_that_contradicts_the_flag_is_an_error():
+    source = {**json.loads((CONFIG_DIR / "deepspeed_bf16_batch8.json").read_text()), "gradient_clipping": 1.0}
     with pytest.raises(ValueError) as caught:
-        resolve_deepspeed_config(CONFIG_DIR / "deepspeed_bf16_batch8.json", **{**TRAINER, "max_grad_norm": 0.1})
+        resolve_deepspeed_config(source, **{**TRAINER, "max_grad_norm": 0.1})
     message = str(caught.value)
     assert "'gradient_clipping' is 1.0" in message and "max_grad_norm is 0.1" in message
 
