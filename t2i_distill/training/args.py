@@ -132,6 +132,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpointing_steps", type=_positive_int, default=500)
     g.add_argument("--checkpoints_total_limit", type=_positive_int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start from step 0 in an --output_dir that holds an earlier run's checkpoints, removing them "
+                        "and its exports (without this or --resume_from_checkpoint, such a folder is refused)")
     g.add_argument("--save_pt", action="store_true",
                    help="also export the reference's {'module': state_dict} transformer_<step>.pt")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
@@ -354,6 +357,18 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             problems.append("--use_cfg_meanflow needs unconditional samples: --cfg_prob must be > 0")
     elif args.method == "scm" and args.sigma_data <= 0:
         problems.append(f"--sigma_data must be positive, got {args.sigma_data}")
+    if not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        from t2i_distill.training.run_record import existing_run_outputs
+
+        earlier = existing_run_outputs(args.output_dir)
+        if earlier:
+            more = f" (+{len(earlier) - 5} more)" if len(earlier) > 5 else ""
+            shown = ", ".join(p.name for p in earlier[:5]) + more
+            problems.append(f"--output_dir {args.output_dir!r} holds an earlier run ({shown}); continue it with "
+                            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir (which "
+                            "removes those), or choose another --output_dir")
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        problems.append("--resume_from_checkpoint and --overwrite_output_dir contradict each other; give one")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder")
     return problems

@@ -234,6 +234,19 @@ class Trackers:
             else:
                 writer.log(scalars, step=step)
 
+    def log_record(self, record: dict) -> None:
+        """The run record: every flag as TensorBoard hparams (scalars as they are, the rest as text) and as one text."""
+        import json
+
+        for kind, writer in self.writers:
+            if kind == "tensorboard":
+                hparams = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str))
+                           for k, v in record["flags"].items()}
+                writer.add_hparams(hparams, {"hparams/recorded": 1.0}, run_name=".")
+                writer.add_text("run/record", "```json\n" + json.dumps(record, indent=2, default=str) + "\n```", 0)
+            else:
+                writer.config.update({"run_record": record}, allow_val_change=True)
+
     def log_images(self, tag: str, image, step: int) -> None:
         """``image``: a PIL image (a grid)."""
         import numpy as np
@@ -272,6 +285,13 @@ def train(args, on_finish=None) -> dict:
     from t2i_distill.training.engine import seed_everything
     from t2i_distill.training.preflight import resolve_jvp
 
+    if getattr(args, "overwrite_output_dir", False) and int(os.environ.get("RANK", "0")) == 0:
+        from t2i_distill.training.run_record import existing_run_outputs, remove_run_outputs
+
+        earlier = existing_run_outputs(args.output_dir)
+        if earlier:
+            logger.warning("--overwrite_output_dir: removing the earlier run's %s", ", ".join(p.name for p in earlier))
+            remove_run_outputs(earlier)
     check_writable(args.output_dir, min_free_bytes=int(args.min_free_disk_gb * 2**30))
     check_models(args)  # flags vs weights (kind, keys, time scale) before any data or weights load
     backend = resolve_backend(args)
@@ -362,6 +382,13 @@ def train(args, on_finish=None) -> dict:
 
     trackers = Trackers(args, engine.is_main, {k: v for k, v in vars(args).items()
                                                if isinstance(v, (int, float, str, bool))})
+    if engine.is_main:
+        from t2i_distill.training.run_record import run_record, write_run_record
+
+        record = run_record(args, backend=backend, world_size=world, mixed_precision=mixed, jvp=args.jvp,
+                            resumed_at_step=global_step if args.resume_from_checkpoint else None)
+        logger.info("run record: %s", write_run_record(args.output_dir, record))
+        trackers.log_record(record)
     validator = gap = None
     if args.method == "rescale":
         from t2i_distill.training.rescale import RescaleGap, record_gap

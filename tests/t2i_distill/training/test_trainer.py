@@ -239,3 +239,26 @@ def test_launch_script_semantics(tmp_path):
     done = subprocess.run(["bash", str(script), "scm"], capture_output=True, text=True,
                           env={**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1"})
     assert done.returncode == 2 and "MASTER_ADDR" in done.stderr  # several nodes need node 0's address
+
+
+def test_a_run_folder_tells_what_produced_it_and_is_not_retrained_by_accident(folder, images, tmp_path, capsys):
+    """args.json + runs.jsonl (flags, versions, commit), TensorBoard hparams; a folder with checkpoints is refused
+    without --resume_from_checkpoint or --overwrite_output_dir, and --overwrite_output_dir removes the old run."""
+    out = tmp_path / "run"
+    base = [a for a in flags(folder, images, out, "--max_train_steps", "1", "--jvp", "reference",
+                             "--checkpointing_steps", "1") if a not in ("--report_to", "none")]
+    train(parse_args("scm", [*base, "--report_to", "tensorboard"]))
+    record = json.loads((out / "args.json").read_text())
+    assert record["flags"]["learning_rate"] == 1e-3 and record["resolved"]["jvp"] == "reference"
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"]
+    assert "commit" in record["git"] and len((out / "runs.jsonl").read_text().splitlines()) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs"), size_guidance={"tensors": 0}).Reload()
+    assert "run/record/text_summary" in events.Tags()["tensors"]
+    with pytest.raises(SystemExit):
+        parse_args("scm", base)
+    assert "holds an earlier run (checkpoint-1, transformer_1.safetensors)" in capsys.readouterr().err
+    train(parse_args("scm", [*base, "--overwrite_output_dir", "--max_train_steps", "2", "--checkpointing_steps", "2"]))
+    assert not (out / "checkpoint-1").exists() and (out / "checkpoint-2").is_dir()
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
