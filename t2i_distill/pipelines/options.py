@@ -39,6 +39,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sCM, 2 steps: the middle TrigFlow angle (default: %(default)s)")
     parser.add_argument("--quantize_timesteps", action="store_true",
                         help="MeanFlow: round the 0-1000 timesteps to the model dtype as the reference (parity only)")
+    ignored = parser.add_argument_group("accepted from the reference's GenEval scripts, ignored (each warns)")
+    ignored.add_argument("--ds_file", default=None,
+                         help="the reference built a DeepSpeed plugin even for sampling; sampling needs none")
+    ignored.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                         help="passed by some launchers; LOCAL_RANK from the environment picks the GPU")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -52,8 +57,15 @@ def resolve_device(name: str | None) -> torch.device:
 
 def pipeline_from_args(args: argparse.Namespace):
     """``(pipeline, device)`` for the parsed flags."""
+    import logging
+
     from t2i_distill.pipelines.loading import check_pipeline
 
+    for flag, why in (("ds_file", "sampling needs no DeepSpeed"), ("local_rank", "LOCAL_RANK from the environment "
+                                                                              "picks the GPU")):
+        if getattr(args, flag, None) is not None:
+            logging.getLogger("t2i_distill.sample").warning("--%s is accepted for the reference's scripts and "
+                                                            "ignored: %s", flag, why)
     check_pipeline(args.method, args.pretrained_model_name_or_path, args.student_checkpoint)  # before any load
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

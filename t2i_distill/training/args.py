@@ -137,6 +137,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "and its exports (without this or --resume_from_checkpoint, such a folder is refused)")
     g.add_argument("--save_pt", action="store_true",
                    help="also export the reference's {'module': state_dict} transformer_<step>.pt")
+    g.add_argument("--export_layout", default="ours", choices=["ours", "reference"],
+                   help="ours: output_dir/transformer_<step>.safetensors; reference: also output_dir/ckpts/"
+                        "transformer_<step>.pt, where the reference's GenEval scripts read it")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     g.add_argument("--tracker_project_name", default=None)
@@ -150,7 +153,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="stop after this many consecutive steps with a NaN/inf loss (each is skipped and counted)")
     g.add_argument("--min_free_disk_gb", type=float, default=1.0,
                    help="refuse to start when --output_dir has less free space")
-    g.add_argument("--config", default=None, help="YAML/JSON file of flag values (command-line flags win)")
+    g.add_argument("--config", default=None,
+                   help="YAML/JSON file of flag values, keyed by flag name or alias without '--' (command-line flags "
+                        "win)")
+
+    g = p.add_argument_group("accepted from the reference's launch scripts, ignored (each warns once)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                   help="passed by deepspeed and older torch launchers; the trainer reads LOCAL_RANK from the "
+                        "environment, as the reference did")
+    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+                   help="the reference declares it and never uses it: the text encoders are frozen")
 
 
 def _add_scm(p: argparse.ArgumentParser) -> None:
@@ -267,6 +279,10 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
         except ValueError as error:
             parser.error(str(error))
         dests = {a.dest: a for a in parser._actions}
+        # Every alias works as a key (e.g. the reference's `ds_file`), dashes or underscores.
+        aliases = {option.lstrip("-").replace("-", "_"): action.dest for action in parser._actions
+                   for option in action.option_strings}
+        values = {aliases.get(str(key).replace("-", "_"), key): value for key, value in values.items()}
         unknown = sorted(set(values) - set(dests) - {"config"})
         if unknown:
             parser.error(f"--config {known.config}: unknown flag(s) {', '.join(unknown)} for `train {method}`")
@@ -293,6 +309,10 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
         problems.append("--gradient_checkpointing with --jvp dual: the fused dual pass keeps its activations and "
                         "cannot recompute blocks yet; use --jvp func (or auto, which picks func)")
     note = resolve_jvp(args, cuda)
+    ignored = [f"--{dest} is accepted for the reference's scripts and ignored: {why}" for dest, why in (
+        ("local_rank", "the trainer reads LOCAL_RANK from the environment (torchrun and deepspeed set it)"),
+        ("adam_weight_decay_text_encoder", "the text encoders are frozen (the reference never used it either)"),
+    ) if dest in explicit]
     if check_files and args.pretrained_model_name_or_path:
         from t2i_distill.errors import ConfigurationError
         from t2i_distill.training.trainer import check_models
@@ -304,7 +324,7 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
     if problems:
         parser.error(problems[0] if len(problems) == 1 else
                      f"{len(problems)} problems:\n" + "\n".join(f"  - {problem}" for problem in problems))
-    args.preflight_notes = notes + ([note] if note else [])
+    args.preflight_notes = notes + ([note] if note else []) + ignored
     return args
 
 

@@ -298,7 +298,7 @@ def train(args, on_finish=None) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu
     for note in [*getattr(args, "preflight_notes", []), resolve_jvp(args, cuda)]:  # resolve_jvp: API callers
         if note:
-            (logger.warning if "slower" in note else logger.info)("%s", note)
+            (logger.warning if "slower" in note or "ignored" in note else logger.info)("%s", note)
     mixed = args.mixed_precision or ("bf16" if cuda else "no")
     if args.allow_tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -421,9 +421,12 @@ def train(args, on_finish=None) -> dict:
 
             student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
             core = engine.unwrapped.student
+            metadata = metadata_for(MODEL_KINDS[args.method][0], core.config.time_scale)
             export_student(student_state, Path(args.output_dir), step,
-                           formats=("safetensors", "pt") if args.save_pt else ("safetensors",),
-                           metadata=metadata_for(MODEL_KINDS[args.method][0], core.config.time_scale))
+                           formats=("safetensors", "pt") if args.save_pt else ("safetensors",), metadata=metadata)
+            if getattr(args, "export_layout", "ours") == "reference":  # where the reference's GenEval scripts read
+                export_student(student_state, Path(args.output_dir) / "ckpts", step, formats=("pt",),
+                               metadata=metadata)
             if args.method == "rescale" and step == args.max_train_steps:
                 from t2i_distill.training.rescale import write_rescaled_outputs
 

@@ -109,7 +109,9 @@ def test_refusals_name_the_flags(folder, images, tmp_path, capsys):  # noqa: F81
             parse_args("rescale", flags(folder, images, tmp_path / "x", *extra))
         assert pattern in capsys.readouterr().err
     # The stock folder at ×1 without a checkpoint: refused by the CLI before anything loads, exit status 2.
-    assert main(["scm", *flags(folder, images, tmp_path / "scm", "--time_scale", "1")]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["scm", *flags(folder, images, tmp_path / "scm", "--time_scale", "1")])
+    assert exited.value.code == 2
     assert "--time_scale 1: the weights were trained at ×1000" in capsys.readouterr().err
 
 
