@@ -593,10 +593,11 @@ def format_table(report: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON path (default: compile_report_<triton version>.json)")
     parser.add_argument("--only", default=None, help="regex on the op name, e.g. 'attention_d128|rms'")
-    parser.add_argument("--head-dims", default="128,64", help="attention/qk-norm head dims (default: %(default)s)")
+    parser.add_argument("--head_dims", "--head-dims", default="128,64",
+                        help="attention/qk-norm head dims (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per compile (default: %(default)s)")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+    parser.add_argument("--cache_dir", "--cache-dir", default=str(DEFAULT_CACHE),
                         help="result cache by kernel source hash; 'none' disables (default: %(default)s)")
 
 

@@ -3,7 +3,7 @@ headline timings against the reference, in one run.
 
     bash bench/prepare_gpu_wheels.sh           # on a machine with PyPI: pure-Python wheels the GPU image lacks
     python bench/gpu_check.py [--quick] [--out bench/results/<name>.json]
-    python bench/gpu_check.py --cpu-smoke       # the same code path at tiny fp32 shapes under the interpreter
+    python bench/gpu_check.py --cpu_smoke       # the same code path at tiny fp32 shapes under the interpreter
 
 Designed for a lent H100/H200 with a short budget (≤ 8 minutes): it installs nothing from the network (wheels in
 ``bench/wheels/``, e.g. diffusers, are installed into a temporary directory when the image lacks them), prints a
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-if not torch.cuda.is_available():  # --cpu-smoke: the interpreter must be on before triton is imported
+if not torch.cuda.is_available():  # --cpu_smoke: the interpreter must be on before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
@@ -109,15 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/gpu_check-<gpu>-<date>.json)")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions, no torch.compile baselines")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 shapes under the interpreter")
-    parser.add_argument("--skip-steps", action="store_true", help="kernels only (no student-step benchmarks)")
-    parser.add_argument("--gluon-timeout", type=int, default=240,
+    parser.add_argument("--cpu_smoke", "--cpu-smoke", action="store_true",
+                        help="tiny fp32 shapes under the interpreter")
+    parser.add_argument("--skip_steps", "--skip-steps", action="store_true",
+                        help="kernels only (no student-step benchmarks)")
+    parser.add_argument("--gluon_timeout", "--gluon-timeout", type=int, default=240,
                         help="seconds for the Gluon attention's child check (bench/gluon_check.py); 0 skips it")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
-        print("no CUDA device: run with --cpu-smoke to exercise the code path at tiny shapes", file=sys.stderr)
+        print("no CUDA device: run with --cpu_smoke to exercise the code path at tiny shapes", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

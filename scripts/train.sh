@@ -16,6 +16,19 @@ if [[ $# -lt 1 || ( "$1" != "scm" && "$1" != "meanflow" && "$1" != "rescale" ) ]
   exit 2
 fi
 method="$1"; shift
+# --rdzv_timeout SECONDS (or RDZV_TIMEOUT): torchrun's rendezvous timeout (the reference used 36000 for slow clusters);
+# consumed here, not passed to the trainer.
+rdzv_timeout="${RDZV_TIMEOUT:-1800}"
+trainer_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --rdzv_timeout=*) rdzv_timeout="${1#*=}"; shift ;;
+    --rdzv_timeout) [[ $# -ge 2 ]] || { echo "--rdzv_timeout needs a value (seconds)" >&2; exit 2; }
+                    rdzv_timeout="$2"; shift 2 ;;
+    *) trainer_args+=("$1"); shift ;;
+  esac
+done
+[[ "$rdzv_timeout" =~ ^[0-9]+$ ]] || { echo "--rdzv_timeout: expected whole seconds, got '$rdzv_timeout'" >&2; exit 2; }
 py="${T2I_PYTHON:-python}"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -30,5 +43,5 @@ fi
 exec "$py" -m torch.distributed.run \
   --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$NPROC_PER_NODE" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-  --rdzv-conf="timeout=${RDZV_TIMEOUT:-1800}" \
-  -m t2i_distill.cli $([[ "$method" == rescale ]] || echo train) "$method" "$@"
+  --rdzv-conf="timeout=$rdzv_timeout" \
+  -m t2i_distill.cli $([[ "$method" == rescale ]] || echo train) "$method" ${trainer_args[@]+"${trainer_args[@]}"}

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_steps.add_argument("--double", type=int, default=1, help="double-stream blocks (the student: 8)")
     p_steps.add_argument("--single", type=int, default=1, help="single-stream blocks (the student: 38)")
     p_steps.add_argument("--resolution", type=int, default=64, help="image side in pixels (16 px per token side)")
-    p_steps.add_argument("--text-tokens", type=int, default=16)
+    p_steps.add_argument("--text_tokens", "--text-tokens", type=int, default=16)
     p_steps.add_argument("--batch", type=int, default=1)
     p_steps.add_argument("--providers", nargs="+", default=["reference", "patched", "dual"],
                          choices=["reference", "patched", "dual"])

@@ -348,7 +348,8 @@ def add_training_step_option(parser) -> None:
     per phase (for the JVP modes named, all three when none is) instead of the student passes."""
     from t2i_distill.losses.config import JVP_MODES
 
-    parser.add_argument("--training-step", nargs="*", choices=JVP_MODES, default=None, metavar="JVP_MODE",
+    parser.add_argument("--training_step", "--training-step", nargs="*", choices=JVP_MODES, default=None,
+                        metavar="JVP_MODE",
                         help="benchmark the whole sCM/MeanFlow training step (teacher + JVP + student + backward + "
                              f"optimizer) per phase for these JVP modes {JVP_MODES} (none given: all)")
     student_passes = parser.get_default("func")

@@ -1,4 +1,4 @@
-"""Command-line flags of ``t2i-distill train scm|meanflow``: the reference's flag names (reference-spec §1.1–1.2), so
+"""Command-line flags of ``t2i-distill train scm|meanflow`` and ``rescale``: the reference's flag names, so
 its scripts port over, plus the fork's own (backend, JVP mode, EMA, data sources, cache, validation, NaN guard).
 
 ``--config FILE`` (YAML or JSON, a mapping of flag names without ``--``) may set any flag; flags on the command line
@@ -166,7 +166,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scm(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sCM (reference-spec §2.2)")
+    g = p.add_argument_group("sCM")
     g.add_argument("--sigma_data", type=float, default=0.5)
     g.add_argument("--logit_mean", type=float, default=0.0, help="P_mean (the reference's scripts: 0.2)")
     g.add_argument("--logit_std", type=float, default=1.0, help="P_std (the reference's scripts: 1.6)")
@@ -178,7 +178,7 @@ def _add_scm(p: argparse.ArgumentParser) -> None:
 
 
 def _add_meanflow(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("MeanFlow (reference-spec §2.3)")
+    g = p.add_argument_group("MeanFlow")
     g.add_argument("--cfg_scale", type=float, nargs="+", default=[4.0, 4.5, 5.0])
     g.add_argument("--time_sampler", default="logit_normal", choices=["logit_normal", "uniform"])
     g.add_argument("--time_mu", type=float, default=-0.4)
@@ -211,7 +211,7 @@ def _add_rescale(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rescale_time_mu", type=float, default=0.0, help="logit_normal: mean (default: %(default)s)")
     g.add_argument("--rescale_time_sigma", type=float, default=1.0, help="logit_normal: std (default: %(default)s)")
     g.add_argument("--rescale_guidance_range", type=float, nargs=2, default=[1.0, 6.0], metavar=("MIN", "MAX"),
-                   help="guidance drawn uniformly in [MIN, MAX] (default: 1 6)")
+                   help="guidance drawn uniformly in [MIN, MAX]")
     g.add_argument("--embedder_init", default="frequency_map", choices=EMBEDDER_INITS,
                    help="student time/guidance embedders: remap the ×1000 sinusoid columns to ×1 (frequency_map) or "
                         "keep the teacher's (copy) (default: %(default)s)")
@@ -220,6 +220,59 @@ def _add_rescale(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rescale_gap_buckets", type=_positive_int, default=4,
                    help="time buckets of the rescale gap (default: %(default)s)")
 
+
+#: One line for every flag the groups above leave without one (kept here so the groups stay readable).
+_MORE_HELP = {
+    "revision": "hub revision (branch, tag or commit) of --pretrained_model_name_or_path",
+    "variant": "weights variant of the folder, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)",
+    "dataset_config_name": "the hub dataset's configuration name",
+    "dataset_split": "the dataset split to train on",
+    "image_column": "image column of --dataset_name / --train_data_dir",
+    "max_train_samples": "use only the first N records (debugging)",
+    "resolution": "training image side in pixels (resize shorter side, centre crop); a multiple of 16",
+    "dataloader_num_workers": "data-loading worker processes per rank (0: in the training process)",
+    "num_train_epochs": "epochs, when --max_train_steps is not given",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "learning_rate": "peak learning rate (the reference's scripts: 1e-5)",
+    "lr_scheduler": "diffusers learning-rate schedule",
+    "lr_warmup_steps": "warm-up optimizer steps (never multiplied by the process count)",
+    "lr_num_cycles": "cosine_with_restarts: number of restarts",
+    "lr_power": "polynomial: power",
+    "optimizer": "adamw (torch) or prodigy (the prodigy extra)",
+    "adam_beta1": "AdamW/Prodigy β1",
+    "adam_beta2": "AdamW/Prodigy β2",
+    "adam_epsilon": "AdamW/Prodigy ε",
+    "adam_weight_decay": "AdamW/Prodigy weight decay (decoupled)",
+    "prodigy_beta3": "Prodigy β3 (None: sqrt(β2))",
+    "prodigy_decouple": "Prodigy: decoupled weight decay (true/false)",
+    "prodigy_use_bias_correction": "Prodigy: bias correction (true/false)",
+    "prodigy_safeguard_warmup": "Prodigy: safeguard warm-up (true/false)",
+    "allow_tf32": "TF32 matmuls and convolutions on Ampere+ GPUs",
+    "output_dir": "checkpoints, exports, args.json and logs go here",
+    "checkpointing_steps": "save checkpoint-<step> (and export the student) every N optimizer steps",
+    "checkpoints_total_limit": "keep only the newest N checkpoints (older ones pruned after a new one is complete)",
+    "report_to": "trackers, on the main rank",
+    "tracker_project_name": "W&B project (default: t2i-distill-<method>)",
+    "validation_prompts": "prompts of the validation grids (none: no validation images)",
+    "validation_steps": "validation grids (rescale: the rescale gap) every N optimizer steps",
+    "validation_inference_steps": "sampler step counts of the validation grids",
+    "sigma_data": "σ_d of TrigFlow: data scale (x̂ = x/σ_d)",
+    "scm_cfg_scale": "guidance values drawn per sample (the teacher's guidance embedding)",
+    "tangent_warmup_steps": "steps over which the sCM tangent's weight ramps from 0 to 1",
+    "scm_lambda": "weight of the sCM loss",
+    "cfg_scale": "guidance values drawn per sample (the teacher's guidance embedding)",
+    "time_sampler": "distribution of t (and r)",
+    "time_mu": "logit_normal: mean",
+    "time_sigma": "logit_normal: standard deviation",
+    "adaptive_p": "adaptive weighting power p: loss / (loss + ε)^p",
+    "cfg_omega": "CFG-MeanFlow ω (weight of the teacher velocity)",
+    "cfg_kappa": "CFG-MeanFlow κ (weight of the student's conditional velocity)",
+    "cfg_min_t": "CFG-MeanFlow applies for t in [cfg_min_t, cfg_max_t]",
+    "cfg_max_t": "CFG-MeanFlow applies for t in [cfg_min_t, cfg_max_t]",
+    "use_cfg_meanflow": "CFG-MeanFlow targets (true/false; the reference's scripts: true)",
+    "path_type": "interpolant between data and noise",
+    "weighting": "adaptive (MeanFlow's) or uniform loss weighting",
+}
 
 _DESCRIPTIONS = {"scm": "sCM distillation of FLUX", "meanflow": "MeanFlow distillation of FLUX",
                  "rescale": "the paper's ×1 teacher: distil the stock ×1000 FLUX transformer into an identical ×1 copy"}
@@ -230,9 +283,17 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     if method not in METHODS:
         raise ValueError(f"`method`: expected one of {METHODS}, got {method!r}")
     prog = "t2i-distill rescale" if method == "rescale" else f"t2i-distill train {method}"
-    p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTIONS[method])
+    p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTIONS[method],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="B1-B13 refer to the reference's bugs and the flags that keep its behaviour "
+                                       "reachable: docs/reference-bugs.md")
     _add_common(p)
     {"scm": _add_scm, "meanflow": _add_meanflow, "rescale": _add_rescale}[method](p)
+    for action in p._actions:
+        if action.help is None:
+            action.help = _MORE_HELP.get(action.dest)
+        if action.help and "(default:" in action.help:  # the formatter adds "(default: …)" itself
+            action.help = action.help.replace(" (default: %(default)s)", "").replace("(default: %(default)s)", "")
     return p
 
 

@@ -37,7 +37,7 @@ def test_without_gpu_the_full_check_refuses_politely(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert gpu_check.main([]) == 2
-    assert "--cpu-smoke" in capsys.readouterr().err
+    assert "--cpu_smoke" in capsys.readouterr().err
 
 
 def test_plot_writes_a_png_from_the_json(tmp_path):

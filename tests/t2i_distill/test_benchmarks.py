@@ -114,8 +114,8 @@ def test_cli_steps_training_step_option(tmp_path, capsys):
     from t2i_distill import cli
 
     out = tmp_path / "steps.json"
-    assert cli.main(["steps", "--training-step", "reference", "--method", "scm", "--resolution", "32",
-                     "--text-tokens", "3", "--repeats", "1", "--out", str(out)]) == 0
+    assert cli.main(["steps", "--training_step", "reference", "--method", "scm", "--resolution", "32",
+                     "--text_tokens", "3", "--repeats", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "backward" in printed and "optimizer" in printed and "peak memory" in printed
     rows = json.loads(out.read_text())["rows"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from t2i_distill.training.args import build_parser, parse_args, str2bool
 
+REPO = Path(__file__).resolve().parents[3]
 BASE = ["--pretrained_model_name_or_path", "some/folder", "--train_data_dir", "images"]
 
 
@@ -151,3 +153,12 @@ def test_jvp_auto_picks_by_device_and_says_why(monkeypatch, cuda, extra, mode):
     assert args.jvp == mode and len(args.preflight_notes) == 1
     if not cuda:
         assert "interpreter" in args.preflight_notes[0]
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow", "rescale"])
+def test_help_gives_every_flag_a_text_and_a_default_and_cites_only_files_in_the_repository(method, capsys):
+    parser = build_parser(method)
+    assert [a.dest for a in parser._actions if a.option_strings and not a.help] == []
+    text = parser.format_help()
+    assert "(default: 0.0001)" in text and "reference-spec" not in text and "docs/reference-bugs.md" in text
+    assert (REPO / "docs" / "reference-bugs.md").is_file()

@@ -263,3 +263,38 @@ def test_a_run_folder_tells_what_produced_it_and_is_not_retrained_by_accident(fo
     train(parse_args("scm", [*base, "--overwrite_output_dir", "--max_train_steps", "2", "--checkpointing_steps", "2"]))
     assert not (out / "checkpoint-1").exists() and (out / "checkpoint-2").is_dir()
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def _fake_bin(tmp_path: Path) -> dict:
+    """A fake python (prints the launcher's argv and env) and fake SLURM tools, first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fakepy").write_text('#!/usr/bin/env bash\necho "ARGS $*"\necho "ENV NODE_RANK=$NODE_RANK '
+                                    'NNODES=$NNODES MASTER_ADDR=$MASTER_ADDR"\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node0\\nnode1\\n'\n")
+    # srun: run the command once per node, as SLURM would, with that task's SLURM_NODEID.
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'for id in 0 1; do SLURM_NODEID=$id "$@"; done\n')
+    for name in ("fakepy", "scontrol", "srun"):
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "T2I_PYTHON": str(bin_dir / "fakepy")}
+
+
+def test_rendezvous_timeout_flag_and_the_slurm_example(tmp_path):
+    env = {**_fake_bin(tmp_path), "NPROC_PER_NODE": "2"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "train.sh"), "scm", "--rdzv_timeout", "36000", "--seed",
+                           "3"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "--rdzv-conf=timeout=36000" in done.stdout and "train scm --seed 3" in done.stdout
+    assert "rdzv_timeout" not in done.stdout.split("t2i_distill.cli", 1)[1]  # consumed, not passed to the trainer
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "train.sh"), "scm", "--rdzv_timeout", "soon"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert bad.returncode == 2 and "whole seconds" in bad.stderr
+    slurm = subprocess.run(["bash", str(REPO / "scripts" / "train.slurm"), "meanflow", "--config", "run.yaml"],
+                           capture_output=True, text=True, cwd=REPO,
+                           env={**env, "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2"})
+    assert slurm.returncode == 0, slurm.stderr
+    assert slurm.stdout.count("train meanflow --config run.yaml") == 2
+    for rank in (0, 1):
+        assert f"ENV NODE_RANK={rank} NNODES=2 MASTER_ADDR=node0" in slurm.stdout
+    assert "--nnodes=2 --node_rank=1" in slurm.stdout
