@@ -116,14 +116,44 @@ def write_prompt_folder(folder: str | os.PathLike, metadata: dict, images) -> No
     os.replace(tmp, folder / "metadata.jsonl")
 
 
+SETTINGS_FILE = ".t2i-distill-geneval.json"  # hidden: GenEval's scorer reads only the <index:05d> folders
+
+
+def check_settings(output_dir: str | os.PathLike, settings: dict) -> None:
+    """Record the generation ``settings`` in ``output_dir`` on the first run; refuse to add images to a folder made
+    with other settings (naming each one), since finished prompts are skipped and would silently mix."""
+    from t2i_distill.errors import ConfigurationError
+
+    path = Path(output_dir) / SETTINGS_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        differ = [f"{key}: folder {recorded.get(key)!r}, now {value!r}" for key, value in settings.items()
+                  if recorded.get(key) != value]
+        if differ:
+            raise ConfigurationError(
+                f"--output_dir {str(output_dir)!r} holds GenEval images made with other settings ({'; '.join(differ)})"
+                "; resuming would mix them. Use another --output_dir, or the folder's settings")
+        return
+    if any(Path(output_dir).glob("[0-9][0-9][0-9][0-9][0-9]")):
+        raise ConfigurationError(f"--output_dir {str(output_dir)!r} holds GenEval folders without a settings "
+                                 f"record ({SETTINGS_FILE}); they cannot be checked against this run: use another "
+                                 "--output_dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def run_geneval(pipe, metadata: list[dict], output_dir: str | os.PathLike, *, images_per_prompt: int = 4,
                 seed: int = 42, rank: int | None = None, world_size: int | None = None, log=print,
-                **call_options) -> dict:
+                settings: dict | None = None, **call_options) -> dict:
     """Generate this rank's prompts into GenEval's layout; return ``{"generated", "skipped", "seconds",
     "rank", "world_size"}`` (index lists and the wall time of the generation itself).
 
     ``call_options`` go to the pipeline call (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``,
-    ``max_sequence_length``, sampler options). ``rank``/``world_size`` default to the environment's.
+    ``max_sequence_length``, sampler options). ``rank``/``world_size`` default to the environment's. The folder
+    records the settings (``settings`` plus the call options, seed and image count) and refuses other ones
+    (:func:`check_settings`).
     """
     import torch
 
@@ -133,6 +163,9 @@ def run_geneval(pipe, metadata: list[dict], output_dir: str | os.PathLike, *, im
         rank, world_size = distributed_rank()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    recorded = {**(settings or {}), "seed": seed, "images_per_prompt": images_per_prompt, "prompts": len(metadata),
+                **{k: v for k, v in call_options.items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    check_settings(out, recorded)
     device = pipe._execution_device
     generated, skipped, seconds = [], [], 0.0
     mine = shard(len(metadata), rank, world_size)
@@ -179,8 +212,11 @@ def _cmd_geneval(args) -> int:
 
     metadata = read_metadata(args.metadata)
     pipe, _ = pipeline_from_args(args)
+    settings = {"method": args.method, "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
+                "student_checkpoint": None if args.student_checkpoint is None else str(args.student_checkpoint),
+                "dtype": str(pipe.transformer.dtype)}
     summary = run_geneval(pipe, metadata, args.output_dir, images_per_prompt=args.images_per_prompt, seed=args.seed,
-                          **call_options(args))
+                          settings=settings, **call_options(args))
     images = len(summary["generated"]) * args.images_per_prompt
     rate = f", {images / summary['seconds']:.2f} images/s" if summary["seconds"] else ""
     print(f"[rank {summary['rank']}/{summary['world_size']}] generated {len(summary['generated'])} prompts, "

@@ -124,8 +124,23 @@ def test_one_and_two_processes_write_identical_images(tmp_path, tiny_folder, stu
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
     assert "[rank 0/2] generated 2 prompts" in logs[0] and "[rank 1/2] generated 1 prompts" in logs[1]
-    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    def images(root):  # GenEval's layout (the settings record beside it differs: the CLI records its flags too)
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    one, two = images(tmp_path / "one"), images(tmp_path / "two")
     assert one == two and len(one) == 3 * 3  # 3 prompts × (metadata + 2 images)
     for rel in one:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_a_folder_made_with_other_settings_is_refused_naming_them(scm_pipe, tmp_path):
+    from t2i_distill.errors import ConfigurationError
+
+    metadata = mini_geneval_metadata(per_task=1)[:2]
+    common = {"images_per_prompt": 1, "seed": 42, "rank": 0, "world_size": 1, "log": None, "height": 64,
+              "width": 64, "max_sequence_length": 16}
+    run_geneval(scm_pipe, metadata, tmp_path / "out", num_inference_steps=1, **common)
+    again = run_geneval(scm_pipe, metadata, tmp_path / "out", num_inference_steps=1, **common)
+    assert again["skipped"] == [0, 1]
+    with pytest.raises(ConfigurationError, match=r"num_inference_steps: folder 1, now 2"):
+        run_geneval(scm_pipe, metadata, tmp_path / "out", num_inference_steps=2, **common)
