@@ -188,11 +188,15 @@ def score_geneval_folder(output_dir: str | os.PathLike, results_path: str | os.P
         raise ValueError(f"`output_dir` {str(root)!r}: expected GenEval's layout (<index:05d>/metadata.jsonl + "
                          "samples/<k:04d>.png), found no prompt folders")
     rows, per_tag = [], {}
+    metas = {}
     for folder in folders:
         meta_path = folder / "metadata.jsonl"
         if not meta_path.is_file():
             raise ValueError(f"prompt folder {str(folder)!r} has no metadata.jsonl (incomplete generation?)")
-        metadata = json.loads(meta_path.read_text(encoding="utf-8").splitlines()[0])
+        metas[folder] = json.loads(meta_path.read_text(encoding="utf-8").splitlines()[0])
+    _check_detectable(metas)
+    for folder in folders:
+        metadata = metas[folder]
         samples = sorted((folder / "samples").glob("*.png"))
         if not samples:
             raise ValueError(f"prompt folder {str(folder)!r} has no samples/*.png")
@@ -213,6 +217,26 @@ def score_geneval_folder(output_dir: str | os.PathLike, results_path: str | os.P
     if results_path is not None:
         Path(results_path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return summary
+
+
+def _check_detectable(metas: dict) -> None:
+    """Refuse prompts whose classes or colours the classical detector does not know (GenEval's 80 COCO classes
+    need GenEval's own Mask2Former scorer): scoring them would print 0.000 as if the images were wrong."""
+    from t2i_distill.errors import ConfigurationError
+
+    shapes, colours = set(shape_templates(8, 8)), set(PALETTE)
+    unknown = {}
+    for folder, metadata in metas.items():
+        for req in [*metadata.get("include", []), *metadata.get("exclude", [])]:
+            for value, known in ((req.get("class"), shapes), (req.get("color"), colours)):
+                if value is not None and value not in known:
+                    unknown.setdefault(value, folder.name)
+    if unknown:
+        shown = ", ".join(f"{name!r} (first in {folder})" for name, folder in list(unknown.items())[:8])
+        raise ConfigurationError(
+            f"`score` knows only the synthetic shapes ({', '.join(sorted(shapes))}) in the colours "
+            f"{', '.join(sorted(colours))}; these prompts ask for {len(unknown)} other class(es)/colour(s): {shown}. "
+            "Real GenEval prompts need GenEval's own scorer (github.com/djghosh13/geneval, evaluation/)")
 
 
 def format_scores(summary: dict, label: str = "") -> str:

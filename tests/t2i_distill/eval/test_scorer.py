@@ -140,3 +140,21 @@ def test_score_folder_refuses_a_folder_without_the_layout(tmp_path):
 def test_bad_image_is_refused():
     with pytest.raises(ValueError, match="image"):
         detect_shapes(np.zeros((8, 8), dtype=np.float32))
+
+
+def test_real_geneval_prompts_are_refused_naming_the_classes(tmp_path):
+    import json as _json
+
+    from t2i_distill.errors import ConfigurationError
+    from t2i_distill.eval.scorer import score_geneval_folder
+
+    folder = tmp_path / "00000"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "metadata.jsonl").write_text(_json.dumps({"tag": "single_object", "include": [{"class": "bench",
+                                                                                             "count": 1}],
+                                                        "prompt": "a photo of a bench"}) + "\n")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(folder / "samples" / "0000.png")
+    with pytest.raises(ConfigurationError, match=r"knows only the synthetic shapes.*'bench' \(first in 00000\)"):
+        score_geneval_folder(tmp_path)
