@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Commands that launch Triton kernels (the trainer's --jvp dual|func, the demo's dual spot check, the reports).
 _KERNEL_COMMANDS = ("parity", "steps", "train", "rescale", "demo")
+#: `env` reports what those commands will do, so it switches the interpreter on the same way (without the banner).
+_REPORTING_COMMANDS = ("env",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in _KERNEL_COMMANDS and enable_interpreter_without_gpu():
         print("no GPU found: running the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)\n")
+    elif argv[:1] and argv[0] in _REPORTING_COMMANDS:
+        enable_interpreter_without_gpu()
     if argv[:1] == ["train"]:  # the trainer owns its (long) flag list and --config handling
         from t2i_distill.training.trainer import main as train_main
 

@@ -43,7 +43,9 @@ def kernel_execution() -> tuple[str, str]:
     if mode == "unavailable":
         return "unavailable", "triton is not importable: pip install 'triton>=3.6' (Linux)"
     if mode == "interpreted":
-        return "interpreted", "TRITON_INTERPRET=1: kernels run on the CPU through Triton's interpreter (slow; fp32)"
+        return "interpreted", ("no GPU: the kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1), "
+                               "as every t2i-distill command does here: correct in fp32, slow (--jvp auto picks "
+                               "reference for training)")
     if torch.cuda.is_available():
         return "compiled", f"Triton compiles the kernels for {gpu_name()}"
     return "unavailable", "compiled mode but no GPU: set TRITON_INTERPRET=1 before importing to run on the CPU"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from t2i_distill import cli
@@ -70,3 +71,11 @@ def test_parity_turns_on_the_interpreter_and_writes_a_passing_report(tmp_path):
     assert ratios and all(math.isfinite(r) and r > 0 for r in ratios.values())
     if not HAS_CUDA:
         assert "not GPU speed" in printed and "not GPU speed" in report["timings_note"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the no-GPU report")
+def test_env_without_a_gpu_reports_what_the_commands_do_not_unavailable():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "t2i_distill.cli", "env"], capture_output=True, text=True, env=env,
+                         timeout=300).stdout
+    assert "t2i_kernels  interpreted: no GPU" in out and "unavailable" not in out
