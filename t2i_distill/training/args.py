@@ -107,6 +107,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the global grad norm (every backend; 0 disables); the pre-clip norm is logged")
     g.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the student (off by default)")
+    g.add_argument("--export_ema", type=str2bool, default=None,
+                   help="also export the EMA weights as transformer_<step>_ema.safetensors (default: on with "
+                        "--ema_decay); `sample --student_checkpoint` takes either file")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=None, help="0 is a seed; each rank draws from seed + rank")
 
@@ -406,6 +409,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--max_grad_norm must be ≥ 0 (0 disables clipping), got {args.max_grad_norm}")
     if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
         problems.append(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
+    if args.export_ema and args.ema_decay is None:
+        problems.append("--export_ema needs an EMA: give --ema_decay")
     if args.resolution % 16:
         problems.append(f"--resolution must be a multiple of 16 (8× VAE, 2×2 patches), got {args.resolution}")
     if args.cpu and args.mixed_precision == "bf16":

@@ -22,7 +22,7 @@ __all__ = ["existing_run_outputs", "run_record", "write_run_record"]
 
 _PACKAGES = ("t2i-distill", "torch", "triton", "diffusers", "transformers", "accelerate", "deepspeed", "peft",
              "safetensors", "datasets", "kernels")
-_OUTPUT_PATTERNS = (r"checkpoint-\d+", r"transformer_\d+\.(safetensors|pt)", r"rescale_gap\.json",
+_OUTPUT_PATTERNS = (r"checkpoint-\d+", r"transformer_\d+(_ema)?\.(safetensors|pt)", r"rescale_gap\.json",
                     r"rescaled_transformer\.pt", r"rescaled", r"ckpts")
 
 

@@ -416,6 +416,10 @@ def train(args, on_finish=None) -> dict:
         per_rank = {} if ema is None else {"ema": ema.state_dict()}
         path = checkpoints.save(step, engine, extra=extra, per_rank_extra=per_rank)
         state = engine.state_dict_for_export()
+        ema_state = None
+        if ema is not None and args.export_ema is not False:  # default on with --ema_decay
+            with ema.average_parameters(engine.unwrapped.student):  # swapped in on every rank (FSDP2 gathers)
+                ema_state = engine.state_dict_for_export()
         if engine.is_main:
             from t2i_distill.models.checkpoint_files import metadata_for
 
@@ -424,6 +428,10 @@ def train(args, on_finish=None) -> dict:
             metadata = metadata_for(MODEL_KINDS[args.method][0], core.config.time_scale)
             export_student(student_state, Path(args.output_dir), step,
                            formats=("safetensors", "pt") if args.save_pt else ("safetensors",), metadata=metadata)
+            if ema_state is not None:
+                ema_student = {k.removeprefix("student."): v for k, v in ema_state.items() if k.startswith("student.")}
+                export_student(ema_student, Path(args.output_dir) / f"transformer_{step}_ema.safetensors", step,
+                               metadata={**metadata, "t2i_distill.weights": f"ema (decay {args.ema_decay})"})
             if getattr(args, "export_layout", "ours") == "reference":  # where the reference's GenEval scripts read
                 export_student(student_state, Path(args.output_dir) / "ckpts", step, formats=("pt",),
                                metadata=metadata)

@@ -88,6 +88,15 @@ def test_resume_is_exact(folder, images, tmp_path):
         sb = torch.load(split / "checkpoint-4" / name, weights_only=True)
         assert _equal(sa, sb), name  # optimizer moments, EMA, sampler position and counters
     assert not torch.equal(a["x_embedder.weight"], student_weights(split, 2)["x_embedder.weight"])
+    # The EMA is exported beside the raw weights (--ema_decay turns --export_ema on), exactly on resume too.
+    ema_a, ema_b = (load_file(str(out / "transformer_4_ema.safetensors")) for out in (straight, split))
+    assert ema_a.keys() == a.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in a)
+    assert not torch.equal(ema_a["x_embedder.weight"], a["x_embedder.weight"])
+    from t2i_distill.models import load_student
+
+    model, _ = load_student(folder, kind="trigflow", rescaled_checkpoint=straight / "transformer_4_ema.safetensors",
+                            accepted_kinds=("trigflow",))
+    assert torch.equal(model.x_embedder.weight, ema_a["x_embedder.weight"])
 
 
 def _equal(a, b) -> bool:
@@ -175,7 +184,7 @@ def test_two_processes_train_and_agree(folder, images, tmp_path, backend, jvp):
     """torchrun, 2 gloo processes, 4 optimizer steps: finite losses and the same weights on both ranks."""
     out = tmp_path / f"{backend}-{jvp}"
     extra = ["--max_train_steps", "4", "--jvp", jvp, "--checkpointing_steps", "4", "--backend", backend,
-             "--train_batch_size", "1"]
+             "--train_batch_size", "1", "--ema_decay", "0.9"]
     if backend == "deepspeed":
         config = tmp_path / "ds.json"
         ds = json.loads((REPO / "parallel_config" / "deepspeed_bf16_batch1.json").read_text())
@@ -194,6 +203,8 @@ def test_two_processes_train_and_agree(folder, images, tmp_path, backend, jvp):
     summary = json.loads((out / "rank0_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["counters"]["nonfinite_skipped"] == 0
     assert (out / "checkpoint-4").is_dir() and (out / "transformer_4.safetensors").is_file()
+    ema = load_file(str(out / "transformer_4_ema.safetensors"))  # gathered from every rank's EMA shards
+    assert ema.keys() == load_file(str(out / "transformer_4.safetensors")).keys()
 
 
 def test_validation_grids_are_written_and_logged(folder, images, tmp_path):
