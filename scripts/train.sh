@@ -40,8 +40,23 @@ if [[ "$nnodes" -gt 1 && -z "${MASTER_ADDR:-}" ]]; then
   echo "NNODES=$nnodes needs MASTER_ADDR (the address of node 0) and MASTER_PORT" >&2
   exit 2
 fi
-exec "$py" -m torch.distributed.run \
+# Each failing rank writes its error here; after torchrun's ChildFailedError banner, the first one is printed once,
+# plainly (torchrun's summary buries it).
+T2I_ERROR_DIR="$(mktemp -d)"
+export T2I_ERROR_DIR
+trap 'rm -rf "$T2I_ERROR_DIR"' EXIT
+rc=0
+"$py" -m torch.distributed.run \
   --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$NPROC_PER_NODE" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
   --rdzv-conf="timeout=$rdzv_timeout" \
-  -m t2i_distill.cli $([[ "$method" == rescale ]] || echo train) "$method" ${trainer_args[@]+"${trainer_args[@]}"}
+  -m t2i_distill.cli $([[ "$method" == rescale ]] || echo train) "$method" ${trainer_args[@]+"${trainer_args[@]}"} \
+  || rc=$?
+first="$(ls "$T2I_ERROR_DIR" 2>/dev/null | sort | head -n 1)"
+if [[ $rc -ne 0 && -n "$first" ]]; then
+  echo "" >&2
+  echo "scripts/train.sh: training failed on $(ls "$T2I_ERROR_DIR" | wc -l) rank(s); the first error:" >&2
+  head -n 1 "$T2I_ERROR_DIR/$first" >&2
+  echo "(its traceback is above, under that rank's output)" >&2
+fi
+exit $rc

@@ -280,6 +280,14 @@ def build_cache(cfg: DataConfig, output_dir: str | os.PathLike, pretrained_model
 
     source = open_source(cfg)
     torch_dtype, total, encoded, started = CACHE_DTYPES[dtype], [], 0, time.perf_counter()
+    from tqdm.auto import tqdm
+
+    try:
+        expected = None if cfg.streaming else -(-len(source) // world)  # this rank's share, rounded up
+    except TypeError:
+        expected = None
+    # One bar per run on rank 0 (its share; every rank encodes about as much): records/s and an ETA.
+    progress = tqdm(total=expected, desc="cache", unit="img", disable=rank != 0, dynamic_ncols=True)
     for k, first, records in _my_shards(source, cfg.streaming, shard_size, rank, world,
                                         lambda k: (root / shard_name(k)).is_file(), total):
         if text_encoders is None or vae is None:
@@ -302,8 +310,11 @@ def build_cache(cfg: DataConfig, output_dir: str | os.PathLike, pretrained_model
         for reason, ids in skipped.items():
             logger.warning("rank %d, %s: skipped %d record(s) (%s): %s%s", rank, shard_name(k), len(ids), reason,
                            ", ".join(ids[:5]), " ..." if len(ids) > 5 else "")
-        logger.info("rank %d: wrote %s (%d records, %d skipped)", rank, shard_name(k), len(good),
-                    sum(map(len, skipped.values())))
+        logger.debug("rank %d: wrote %s (%d records, %d skipped)", rank, shard_name(k), len(good),
+                     sum(map(len, skipped.values())))
+        progress.update(len(records))
+        progress.set_postfix(shard=shard_name(k), skipped=sum(map(len, skipped.values())))
+    progress.close()
     elapsed = time.perf_counter() - started
     if total[0] == 0:
         raise ValueError(f"{source.description}: the source holds no records")

@@ -169,7 +169,12 @@ def run_geneval(pipe, metadata: list[dict], output_dir: str | os.PathLike, *, im
     device = pipe._execution_device
     generated, skipped, seconds = [], [], 0.0
     mine = shard(len(metadata), rank, world_size)
-    for index in mine:
+    # The command line's default `log=print` shows a bar (prompts/s, ETA) on rank 0 instead of a line per prompt.
+    from tqdm.auto import tqdm
+
+    bar = tqdm(mine, desc=f"geneval (rank 0 of {world_size})", unit="prompt",
+               disable=log is not print or rank != 0, dynamic_ncols=True)
+    for index in bar:
         folder = out / f"{index:05d}"
         if is_prompt_complete(folder, images_per_prompt):
             skipped.append(index)
@@ -181,8 +186,9 @@ def run_geneval(pipe, metadata: list[dict], output_dir: str | os.PathLike, *, im
         seconds += time.perf_counter() - start
         write_prompt_folder(folder, metadata[index], images)
         generated.append(index)
-        if log:
+        if log and log is not print:
             log(f"[rank {rank}/{world_size}] {index:05d} {metadata[index]['prompt']!r}: {images_per_prompt} images")
+    bar.close()
     return {"generated": generated, "skipped": skipped, "seconds": seconds, "rank": rank, "world_size": world_size}
 
 

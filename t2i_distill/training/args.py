@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 __all__ = ["METHODS", "build_parser", "parse_args", "str2bool"]
@@ -333,6 +334,8 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
     from t2i_distill.training.preflight import explicit_flags, missing_packages, resolve_jvp, take_deepspeed_settings
 
     parser = build_parser(method)
+    if int(os.environ.get("RANK", "0")) != 0:  # every rank parses the same flags: rank 0 alone prints the refusal
+        parser.error = lambda message: sys.exit(2)  # type: ignore[method-assign]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)

@@ -151,8 +151,7 @@ def load_models(args, device: torch.device, teacher_dtype: torch.dtype):
               "time_embedding_fp32": args.time_embedding_fp32, "accepted_kinds": ("flow",),
               "flags": _model_flags(args), "revision": args.revision, "variant": args.variant,
               "cache_dir": args.cache_dir}
-    student, report = load_student(args.pretrained_model_name_or_path, kind=student_kind, **common)
-    logger.info("student: %s", report)
+    student, _ = load_student(args.pretrained_model_name_or_path, kind=student_kind, **common)  # logs its report
     teacher, _ = load_student(args.pretrained_model_name_or_path, kind=teacher_kind, torch_dtype=teacher_dtype,
                               **common)
     if args.method == "rescale":
@@ -496,7 +495,10 @@ def train(args, on_finish=None) -> dict:
                 scalars["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             trackers.log(scalars, global_step)
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss.detach()):.4g}", samples_s=f"{scalars['samples_per_s']:.2f}")
+            # The number that moves: MeanFlow's adaptive weighting pins `loss` near 1, its mean squared error moves.
+            shown = {"meanflow": "loss_mean_ref", "rescale": "rel_l2"}.get(args.method, "loss")
+            progress.set_postfix({shown: f"{scalars.get(shown, float(loss.detach())):.4g}",
+                                  "samples_s": f"{scalars['samples_per_s']:.2f}"})
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 save(global_step)
             if validator is not None and global_step % args.validation_steps == 0:
@@ -544,6 +546,22 @@ def _progress(enabled: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="steps", dynamic_ncols=True)
 
 
+def _record_failure(error: BaseException) -> None:
+    """Under ``scripts/train.sh`` (``T2I_ERROR_DIR`` set): this rank's error, first line plain, then the traceback,
+    so the launcher can print the first failure once, unwrapped, after torchrun's banner."""
+    import traceback
+
+    folder = os.environ.get("T2I_ERROR_DIR")
+    if not folder:
+        return
+    rank = os.environ.get("RANK", "0")
+    text = f"rank {rank}: {type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))
+    try:
+        Path(folder, f"rank{int(rank):05d}.txt").write_text(text, encoding="utf-8")
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """``t2i-distill train scm|meanflow [flags]``."""
     import sys
@@ -555,7 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Every refusal that flags, files and installed packages decide, at once, before any data or weights load.
     args = parse_args(argv[0], argv[1:], check_files=True)
-    summary = train(args)
+    try:
+        summary = train(args)
+    except Exception as error:
+        _record_failure(error)
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"finished at step {summary['global_step']}; checkpoints in {summary['output_dir']} "
               f"(latest {summary['latest_checkpoint']}); non-finite steps skipped: "

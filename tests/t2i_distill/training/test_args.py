@@ -162,3 +162,10 @@ def test_help_gives_every_flag_a_text_and_a_default_and_cites_only_files_in_the_
     text = parser.format_help()
     assert "(default: 0.0001)" in text and "reference-spec" not in text and "docs/reference-bugs.md" in text
     assert (REPO / "docs" / "reference-bugs.md").is_file()
+
+
+def test_only_rank_zero_prints_a_refusal(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exited:
+        parse_args("scm", [*BASE, "--resolution", "30"])
+    assert exited.value.code == 2 and capsys.readouterr().err == ""

@@ -309,3 +309,28 @@ def test_rendezvous_timeout_flag_and_the_slurm_example(tmp_path):
     for rank in (0, 1):
         assert f"ENV NODE_RANK={rank} NNODES=2 MASTER_ADDR=node0" in slurm.stdout
     assert "--nnodes=2 --node_rank=1" in slurm.stdout
+
+
+def test_a_failing_rank_is_printed_once_unwrapped_by_the_launcher(tmp_path, monkeypatch):
+    from t2i_distill.training.trainer import _record_failure
+
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    monkeypatch.setenv("T2I_ERROR_DIR", str(errors))
+    monkeypatch.setenv("RANK", "1")
+    try:
+        raise ValueError("the real message")
+    except ValueError as error:
+        _record_failure(error)
+    text = (errors / "rank00001.txt").read_text()
+    assert text.startswith("rank 1: ValueError: the real message") and "Traceback" in text
+    # The launcher: torchrun fails (a fake one writing that file), train.sh prints the first error once, at the end.
+    env = _fake_bin(tmp_path)
+    fake = Path(env["T2I_PYTHON"])
+    fake.write_text('#!/usr/bin/env bash\necho "rank 1: ValueError: the real message" > "$T2I_ERROR_DIR/rank00001.txt"'
+                    '\necho "ChildFailedError banner" >&2\nexit 1\n')
+    done = subprocess.run(["bash", str(REPO / "scripts" / "train.sh"), "scm"], capture_output=True, text=True,
+                          env={**env, "NPROC_PER_NODE": "2"}, cwd=REPO)
+    assert done.returncode == 1
+    assert done.stderr.count("rank 1: ValueError: the real message") == 1
+    assert done.stderr.index("ChildFailedError banner") < done.stderr.index("the first error:")
