@@ -169,3 +169,14 @@ def test_only_rank_zero_prints_a_refusal(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exited:
         parse_args("scm", [*BASE, "--resolution", "30"])
     assert exited.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_every_alias_works_as_a_config_key(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the reference's bf16 JSON is for GPUs
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"pretrained_model_name_or_path": "m", "train_data_dir": "d",
+                                  "ds_file": "parallel_config/deepspeed_bf16_batch1.json", "local-rank": 0,
+                                  "validation_prompt": ["a cat"]}))
+    args = parse_args("scm", ["--config", str(config)])
+    assert args.deepspeed_config.endswith("batch1.json") and args.validation_prompts == ["a cat"]
+    assert args.local_rank == 0 and args.train_batch_size == 1  # the JSON's micro-batch, taken

@@ -334,3 +334,16 @@ def test_a_failing_rank_is_printed_once_unwrapped_by_the_launcher(tmp_path, monk
     assert done.returncode == 1
     assert done.stderr.count("rank 1: ValueError: the real message") == 1
     assert done.stderr.index("ChildFailedError banner") < done.stderr.index("the first error:")
+
+
+def test_meanflow_bar_shows_the_number_that_moves_and_each_model_is_reported_once(folder, images, tmp_path, capsys,
+                                                                                   caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        train(parse_args("meanflow", flags(folder, images, tmp_path / "mf", "--max_train_steps", "2", "--jvp",
+                                           "reference")))
+    bar = capsys.readouterr().err
+    assert "loss_mean_ref=" in bar and "loss=" not in bar.replace("loss_mean_ref=", "")
+    reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    assert len(reports) == 2, reports  # the student's and the teacher's, once each
