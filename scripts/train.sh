@@ -56,7 +56,7 @@ first="$(ls "$T2I_ERROR_DIR" 2>/dev/null | sort | head -n 1)"
 if [[ $rc -ne 0 && -n "$first" ]]; then
   echo "" >&2
   echo "scripts/train.sh: training failed on $(ls "$T2I_ERROR_DIR" | wc -l) rank(s); the first error:" >&2
-  head -n 1 "$T2I_ERROR_DIR/$first" >&2
-  echo "(its traceback is above, under that rank's output)" >&2
+  sed -n '/^$/q;p' "$T2I_ERROR_DIR/$first" >&2  # the message (up to the traceback's blank line)
+  grep -q "Traceback" "$T2I_ERROR_DIR/$first" && echo "(its traceback is above, in that rank's output)" >&2
 fi
 exit $rc

@@ -336,6 +336,18 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
     parser = build_parser(method)
     if int(os.environ.get("RANK", "0")) != 0:  # every rank parses the same flags: rank 0 alone prints the refusal
         parser.error = lambda message: sys.exit(2)  # type: ignore[method-assign]
+    elif os.environ.get("T2I_ERROR_DIR"):  # under scripts/train.sh: also repeated after torchrun's banner
+        show = parser.error
+
+        def error(message: str):
+            try:
+                Path(os.environ["T2I_ERROR_DIR"], "rank00000.txt").write_text(
+                    f"{parser.prog}: error: {message}\n", encoding="utf-8")
+            except OSError:
+                pass
+            show(message)
+
+        parser.error = error  # type: ignore[method-assign]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)

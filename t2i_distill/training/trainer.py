@@ -297,7 +297,8 @@ def train(args, on_finish=None) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu
     for note in [*getattr(args, "preflight_notes", []), resolve_jvp(args, cuda)]:  # resolve_jvp: API callers
         if note:
-            (logger.warning if "slower" in note or "ignored" in note else logger.info)("%s", note)
+            quiet = note.startswith("--jvp auto") or "(from the DeepSpeed JSON" in note
+            (logger.info if quiet else logger.warning)("%s", note)
     mixed = args.mixed_precision or ("bf16" if cuda else "no")
     if args.allow_tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
