@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from t2i_distill.flag_types import nonnegative_int, positive_int
+
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data flags shared by ``cache`` and the trainers (diffusers' names and defaults)."""
@@ -20,10 +22,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_data_dir", default=None, help="a local imagefolder (used without --dataset_name)")
     g.add_argument("--image_column", default="image", help="(default: %(default)s)")
     g.add_argument("--caption_column", default="text", help="(default: %(default)s; the reference's data: llava)")
-    g.add_argument("--max_train_samples", type=int, default=None, help="keep the first N records")
-    g.add_argument("--resolution", type=int, default=512, help="square side in pixels (default: %(default)s)")
+    g.add_argument("--max_train_samples", type=positive_int, default=None, help="keep the first N records")
+    g.add_argument("--resolution", type=positive_int, default=512, help="square side in pixels (default: %(default)s)")
     g.add_argument("--streaming", action="store_true", help="read the source sequentially (large sets)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="decoding processes (default: 0)")
+    g.add_argument("--dataloader_num_workers", type=nonnegative_int, default=0, help="decoding processes (default: 0)")
     g.add_argument("--cache_dir", default=None, help="the datasets library's cache folder")
 
 
@@ -44,11 +46,12 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--output_dir", required=True, help="cache folder (a rerun resumes it)")
-    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (default: %(default)s)")
+    p.add_argument("--max_sequence_length", type=positive_int, default=256, help="T5 tokens (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="encoder and storage dtype (default: auto = bf16 on CUDA, as the reference; fp32 on CPU)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per encoder call (default: %(default)s)")
-    p.add_argument("--shard_size", type=int, default=256, help="source records per shard (default: %(default)s)")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="images per encoder call (default: %(default)s)")
+    p.add_argument("--shard_size", type=positive_int, default=256,
+                   help="source records per shard (default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when available, else cpu")
     add_data_arguments(p)
     p.set_defaults(func=_cmd_cache)

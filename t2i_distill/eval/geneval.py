@@ -201,6 +201,7 @@ def add_subparser(subparsers) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from t2i_distill.flag_types import positive_int
     from t2i_distill.pipelines.options import add_model_arguments
 
     p.add_argument("--metadata", default="evaluation/evaluation_metadata.jsonl",
@@ -208,7 +209,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "prompts/) or the mini-GenEval file `t2i-distill shapes --geneval_metadata` writes (default: "
                         "%(default)s, the path the reference's scripts read, relative to the working directory)")
     p.add_argument("--output_dir", required=True, help="where <index:05d>/ folders go")
-    p.add_argument("--images_per_prompt", "--n_samples", dest="images_per_prompt", type=int, default=4,
+    p.add_argument("--images_per_prompt", "--n_samples", dest="images_per_prompt", type=positive_int, default=4,
                    help="images per prompt (default: %(default)s, as GenEval)")
     add_model_arguments(p)
 

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from t2i_distill.flag_types import nonnegative_float, nonnegative_int, positive_float, positive_int
 from t2i_distill.pipelines.loading import DEFAULT_STEPS, METHODS, load_pipeline
 
 __all__ = ["DTYPES", "add_model_arguments", "call_options", "pipeline_from_args", "resolve_device"]
@@ -25,17 +26,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "transformer folder or sharded safetensors; its kind must match --method. For --method "
                              "teacher: a ×1 rescaled teacher (without it, the folder's own transformer at the scale "
                              "it was trained at: ×1000 for stock FLUX)")
-    parser.add_argument("--num_inference_steps", type=int, default=None,
+    parser.add_argument("--num_inference_steps", type=positive_int, default=None,
                         help=f"sampler steps (default: {', '.join(f'{m} {n}' for m, n in DEFAULT_STEPS.items())})")
-    parser.add_argument("--guidance_scale", type=float, default=3.5,
+    parser.add_argument("--guidance_scale", type=nonnegative_float, default=3.5,
                         help="FLUX guidance-embedding value (default: %(default)s)")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: %(default)s)")
-    parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=42, help="base seed (default: %(default)s)")
+    parser.add_argument("--resolution", type=positive_int, default=512,
+                        help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--max_sequence_length", type=positive_int, default=256,
+                        help="T5 tokens (default: %(default)s)")
+    parser.add_argument("--seed", type=nonnegative_int, default=42, help="base seed (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights and sampling dtype (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:$LOCAL_RANK if a GPU)")
-    parser.add_argument("--intermediate_timestep", type=float, default=1.3,
+    parser.add_argument("--intermediate_timestep", type=positive_float, default=1.3,
                         help="sCM, 2 steps: the middle TrigFlow angle (default: %(default)s)")
     parser.add_argument("--quantize_timesteps", action="store_true",
                         help="MeanFlow: round the 0-1000 timesteps to the model dtype as the reference (parity only)")

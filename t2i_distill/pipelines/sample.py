@@ -58,13 +58,15 @@ def sample_prompts(pipe, prompts: list[str], output_dir: str | Path, *, images_p
 
 
 def add_subparser(subparsers) -> None:
+    from t2i_distill.flag_types import positive_int
     from t2i_distill.pipelines.options import add_model_arguments
 
     p = subparsers.add_parser("sample", help="generate images for prompts (flags or a file): PNGs + a labelled grid")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat the flag for more)")
     p.add_argument("--prompts_file", default=None, help="a text file with one prompt per line")
     p.add_argument("--output_dir", required=True, help="where the PNGs and grid.png go")
-    p.add_argument("--num_images_per_prompt", type=int, default=1, help="images per prompt (default: %(default)s)")
+    p.add_argument("--num_images_per_prompt", type=positive_int, default=1,
+                   help="images per prompt (default: %(default)s)")
     add_model_arguments(p)
     p.set_defaults(func=_cmd_sample)
 

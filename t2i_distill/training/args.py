@@ -19,6 +19,15 @@ import os
 import sys
 from pathlib import Path
 
+from t2i_distill.flag_types import (
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
+
 __all__ = ["METHODS", "build_parser", "parse_args", "str2bool"]
 
 METHODS = ("scm", "meanflow", "rescale")
@@ -57,7 +66,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "safetensors or a transformer folder, loaded into teacher and student (a flow model: a "
                         "student checkpoint is refused). Not needed with a folder written by `t2i-distill rescale`; "
                         "without either, the stock folder's weights train at ×1000")
-    g.add_argument("--time_scale", type=float, default=None,
+    g.add_argument("--time_scale", type=positive_float, default=None,
                    help="time/guidance input scale; default: the scale the weights were trained at (a stock folder "
                         "×1000, a rescaled checkpoint or folder ×1). A value that differs from the weights' is refused")
     g.add_argument("--time_embedding_fp32", type=str2bool, default=None,
@@ -78,7 +87,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="a cache written by `t2i-distill cache`: no text encoder or VAE is loaded")
     g.add_argument("--resolution", type=_positive_int, default=512)
     g.add_argument("--max_sequence_length", type=_positive_int, default=256, help="T5 tokens")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--dataloader_num_workers", type=nonnegative_int, default=0)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=_positive_int, default=4, help="micro-batch per process")
@@ -88,31 +97,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each block in the backward (never switched on unless asked, unlike B4)")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=positive_float, default=1e-4)
     g.add_argument("--scale_lr", action="store_true", help="lr × accumulation × batch × processes")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                             "constant_with_warmup"])
-    g.add_argument("--lr_warmup_steps", type=int, default=500)
-    g.add_argument("--lr_num_cycles", type=int, default=1)
-    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--lr_warmup_steps", type=nonnegative_int, default=500)
+    g.add_argument("--lr_num_cycles", type=positive_int, default=1)
+    g.add_argument("--lr_power", type=finite_float, default=1.0)
     g.add_argument("--optimizer", default="adamw", type=str.lower, choices=["adamw", "prodigy"])
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    g.add_argument("--prodigy_beta3", type=float, default=None)
+    g.add_argument("--adam_beta1", type=unit_interval, default=0.9)
+    g.add_argument("--adam_beta2", type=unit_interval, default=0.999)
+    g.add_argument("--adam_epsilon", type=positive_float, default=1e-8)
+    g.add_argument("--adam_weight_decay", type=nonnegative_float, default=1e-4)
+    g.add_argument("--prodigy_beta3", type=unit_interval, default=None)
     g.add_argument("--prodigy_decouple", type=str2bool, default=True)
     g.add_argument("--prodigy_use_bias_correction", type=str2bool, default=True)
     g.add_argument("--prodigy_safeguard_warmup", type=str2bool, default=True)
-    g.add_argument("--max_grad_norm", type=float, default=1.0,
+    g.add_argument("--max_grad_norm", type=nonnegative_float, default=1.0,
                    help="clip the global grad norm (every backend; 0 disables); the pre-clip norm is logged")
-    g.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the student (off by default)")
+    g.add_argument("--ema_decay", type=finite_float, default=None, help="keep an EMA of the student (off by default)")
     g.add_argument("--export_ema", type=str2bool, default=None,
                    help="also export the EMA weights as transformer_<step>_ema.safetensors (default: on with "
                         "--ema_decay); `sample --student_checkpoint` takes either file")
     g.add_argument("--allow_tf32", action="store_true")
-    g.add_argument("--seed", type=int, default=None, help="0 is a seed; each rank draws from seed + rank")
+    g.add_argument("--seed", type=nonnegative_int, default=None, help="0 is a seed; each rank draws from seed + rank")
 
     g = p.add_argument_group("distribution and precision")
     g.add_argument("--backend", default="auto", choices=BACKENDS,
@@ -151,11 +160,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_validation_images", type=_positive_int, default=1, help="images per prompt")
     g.add_argument("--validation_steps", type=_positive_int, default=500)
     g.add_argument("--validation_inference_steps", type=_positive_int, nargs="+", default=[1, 2, 4])
-    g.add_argument("--validation_guidance_scale", type=float, default=None,
+    g.add_argument("--validation_guidance_scale", type=nonnegative_float, default=None,
                    help="default: the first training guidance value")
     g.add_argument("--max_nonfinite_steps", type=_positive_int, default=10,
                    help="stop after this many consecutive steps with a NaN/inf loss (each is skipped and counted)")
-    g.add_argument("--min_free_disk_gb", type=float, default=1.0,
+    g.add_argument("--min_free_disk_gb", type=nonnegative_float, default=1.0,
                    help="refuse to start when --output_dir has less free space")
     g.add_argument("--config", default=None,
                    help="YAML/JSON file of flag values, keyed by flag name or alias without '--' (command-line flags "
@@ -165,39 +174,39 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                    help="passed by deepspeed and older torch launchers; the trainer reads LOCAL_RANK from the "
                         "environment, as the reference did")
-    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+    g.add_argument("--adam_weight_decay_text_encoder", type=finite_float, default=None,
                    help="the reference declares it and never uses it: the text encoders are frozen")
 
 
 def _add_scm(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sCM")
-    g.add_argument("--sigma_data", type=float, default=0.5)
-    g.add_argument("--logit_mean", type=float, default=0.0, help="P_mean (the reference's scripts: 0.2)")
-    g.add_argument("--logit_std", type=float, default=1.0, help="P_std (the reference's scripts: 1.6)")
-    g.add_argument("--scm_cfg_scale", type=float, nargs="+", default=[4.0, 4.5, 5.0])
-    g.add_argument("--tangent_warmup_steps", type=int, default=4000)
-    g.add_argument("--scm_lambda", type=float, default=1.0)
+    g.add_argument("--sigma_data", type=positive_float, default=0.5)
+    g.add_argument("--logit_mean", type=finite_float, default=0.0, help="P_mean (the reference's scripts: 0.2)")
+    g.add_argument("--logit_std", type=positive_float, default=1.0, help="P_std (the reference's scripts: 1.6)")
+    g.add_argument("--scm_cfg_scale", type=nonnegative_float, nargs="+", default=[4.0, 4.5, 5.0])
+    g.add_argument("--tangent_warmup_steps", type=nonnegative_int, default=4000)
+    g.add_argument("--scm_lambda", type=finite_float, default=1.0)
     g.add_argument("--time_sampler_sigma", default="sigma_data", choices=["sigma_data", "reference"],
                    help="σ in t = arctan(σ/·): --sigma_data (fix of B9) or the reference's hard-coded 0.5")
 
 
 def _add_meanflow(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MeanFlow")
-    g.add_argument("--cfg_scale", type=float, nargs="+", default=[4.0, 4.5, 5.0])
+    g.add_argument("--cfg_scale", type=nonnegative_float, nargs="+", default=[4.0, 4.5, 5.0])
     g.add_argument("--time_sampler", default="logit_normal", choices=["logit_normal", "uniform"])
-    g.add_argument("--time_mu", type=float, default=-0.4)
-    g.add_argument("--time_sigma", type=float, default=1.0)
-    g.add_argument("--ratio_r_not_equal_t", type=float, default=0.75,
+    g.add_argument("--time_mu", type=finite_float, default=-0.4)
+    g.add_argument("--time_sigma", type=positive_float, default=1.0)
+    g.add_argument("--ratio_r_not_equal_t", type=finite_float, default=0.75,
                    help="fraction of samples with r ≠ t (the reference's comment says the opposite, B3)")
-    g.add_argument("--adaptive_p", type=float, default=1.0)
-    g.add_argument("--cfg_omega", type=float, default=1.0)
-    g.add_argument("--cfg_kappa", type=float, default=0.0)
-    g.add_argument("--cfg_min_t", type=float, default=0.0)
-    g.add_argument("--cfg_max_t", type=float, default=1.0)
+    g.add_argument("--adaptive_p", type=finite_float, default=1.0)
+    g.add_argument("--cfg_omega", type=finite_float, default=1.0)
+    g.add_argument("--cfg_kappa", type=finite_float, default=0.0)
+    g.add_argument("--cfg_min_t", type=finite_float, default=0.0)
+    g.add_argument("--cfg_max_t", type=finite_float, default=1.0)
     g.add_argument("--use_cfg_meanflow", type=str2bool, nargs="?", const=True, default=False)
     g.add_argument("--path_type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--weighting", default="adaptive", choices=["adaptive", "uniform"])
-    g.add_argument("--cfg_prob", type=float, default=0.1, help="prompt-dropout probability")
+    g.add_argument("--cfg_prob", type=finite_float, default=0.1, help="prompt-dropout probability")
     g.add_argument("--cfg_velocity_at", default="t", choices=["t", "r_t"],
                    help="u_c/u_u of CFG-MeanFlow at (t, t) (paper) or at (r, t) (the reference, B1)")
     g.add_argument("--meanflow_tangent", default="teacher", choices=["teacher", "data"],
@@ -208,13 +217,17 @@ def _add_rescale(p: argparse.ArgumentParser) -> None:
     from t2i_distill.losses.rescale import RESCALE_TIME_SAMPLERS
     from t2i_distill.training.rescale import EMBEDDER_INITS
 
-    g = p.add_argument_group("rescale (the paper's ×1 teacher, §4.2.1; defaults explained in README)")
-    g.add_argument("--smooth_l1_beta", type=float, default=1.0, help="β of the smooth-L1 loss (default: %(default)s)")
+    g = p.add_argument_group("rescale (the paper's ×1 teacher; README: why these defaults)")
+    g.add_argument("--smooth_l1_beta", type=positive_float, default=1.0,
+                   help="β of the smooth-L1 loss (default: %(default)s)")
     g.add_argument("--rescale_time_sampler", default="uniform", choices=RESCALE_TIME_SAMPLERS,
                    help="flow time t in [0, 1] shared by both models (default: %(default)s)")
-    g.add_argument("--rescale_time_mu", type=float, default=0.0, help="logit_normal: mean (default: %(default)s)")
-    g.add_argument("--rescale_time_sigma", type=float, default=1.0, help="logit_normal: std (default: %(default)s)")
-    g.add_argument("--rescale_guidance_range", type=float, nargs=2, default=[1.0, 6.0], metavar=("MIN", "MAX"),
+    g.add_argument("--rescale_time_mu", type=finite_float, default=0.0,
+                   help="logit_normal: mean (default: %(default)s)")
+    g.add_argument("--rescale_time_sigma", type=positive_float, default=1.0,
+                   help="logit_normal: std (default: %(default)s)")
+    g.add_argument("--rescale_guidance_range", type=nonnegative_float, nargs=2, default=[1.0, 6.0],
+                   metavar=("MIN", "MAX"),
                    help="guidance drawn uniformly in [MIN, MAX]")
     g.add_argument("--embedder_init", default="frequency_map", choices=EMBEDDER_INITS,
                    help="student time/guidance embedders: remap the ×1000 sinusoid columns to ×1 (frequency_map) or "

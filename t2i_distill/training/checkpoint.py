@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from t2i_distill.training.engine import Engine
+from t2i_distill.training.faults import crash_point
 
 __all__ = ["CheckpointManager", "OutputDirError", "check_writable", "export_student"]
 
 MANIFEST = "manifest.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: every file's size and BLAKE2b hash (``file_records``), and the trainer's identity
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 EXPORT_FORMATS = ("safetensors", "pt")
@@ -93,13 +94,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Writing:
+    """A write that fails on a full disk raises ``OSError(ENOSPC)`` naming the file and the free space (torch's zip
+    writer reports it only as "unexpected pos ..."); other failures pass through unchanged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, Exception):
+            return False
+        import errno
+
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            free = None
+        full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < (1 << 20))
+        if full:
+            raise OSError(errno.ENOSPC, f"the disk is full: writing {str(self.path)!r} failed with "
+                                        f"{'?' if free is None else free} bytes free on its file system "
+                                        f"({type(error).__name__}: {error}); free space and resume") from error
+        return False  # not a full disk: the original error, unchanged
+
+
 def _torch_save(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
-    _fsync_file(path)
+    with _Writing(path):
+        torch.save(obj, path)
+        _fsync_file(path)
 
 
 def _json_save(obj: Any, path: Path) -> None:
-    with open(path, "w") as handle:
+    with _Writing(path), open(path, "w") as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
@@ -109,9 +138,10 @@ def _safetensors_save(state_dict: dict[str, torch.Tensor], path: Path, metadata:
     from safetensors.torch import save_file
 
     # safetensors refuses views and shared storage: give it one contiguous copy per tensor.
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(path),
-              metadata=metadata)
-    _fsync_file(path)
+    with _Writing(path):
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(path),
+                  metadata=metadata)
+        _fsync_file(path)
 
 
 def _torch_load(path: Path) -> Any:
@@ -148,12 +178,15 @@ class CheckpointManager:
 
     ``total_limit``: keep at most this many complete checkpoints (None: all), removing the oldest by step."""
 
-    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
         if total_limit is not None and (isinstance(total_limit, bool) or not isinstance(total_limit, int)
                                         or total_limit < 1):
             raise ValueError(f"total_limit: expected None or an int >= 1, got {total_limit!r}")
         self.output_dir = Path(output_dir)
         self.total_limit = total_limit
+        #: What the manifest records about the run (e.g. ``{"method": "scm"}``) and a resume must match.
+        self.identity = dict(identity or {})
 
     # -- finding -------------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -172,11 +205,26 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
+    def latest_verified(self, log=None) -> Path | None:
+        """The newest checkpoint that passes :func:`~t2i_distill.training.verify.verify_checkpoint`; each newer one
+        that fails is reported through ``log`` (a callable taking one message) naming the file and why."""
+        from t2i_distill.training.verify import verify_checkpoint
+
+        for _, path in reversed(self.checkpoints()):
+            problems = verify_checkpoint(path)
+            if not problems:
+                return path
+            if log is not None:
+                log(f"checkpoint {path} fails verification, falling back to an older one: {'; '.join(problems)}")
+        return None
+
     def resolve(self, spec: str | os.PathLike) -> Path:
         """``"latest"`` → :meth:`latest` (``FileNotFoundError`` when there is none); a path → that checkpoint, which
         must be complete (``ValueError`` otherwise)."""
+        from t2i_distill.training.verify import CheckpointVerificationError, verify_checkpoint
+
         if isinstance(spec, str) and spec == "latest":
-            latest = self.latest()
+            latest = self.latest_verified()
             if latest is None:
                 raise FileNotFoundError(f"resume_from_checkpoint='latest': no complete checkpoint-<step> folder in "
                                         f"{str(self.output_dir)!r}")
@@ -187,6 +235,10 @@ class CheckpointManager:
         if not (path / MANIFEST).is_file():
             raise ValueError(f"resume_from_checkpoint: {str(path)!r} has no {MANIFEST}: it is not a complete "
                              "checkpoint (a save was interrupted, or it is not a checkpoint folder)")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointVerificationError(f"--resume_from_checkpoint {str(path)!r} fails verification: "
+                                              + "; ".join(problems))
         return path
 
     # -- saving --------------------------------------------------------------------------------------------------
@@ -270,11 +322,15 @@ class CheckpointManager:
         missing = [f"rng_state_{rank}.pt" for rank in range(engine.world_size) if f"rng_state_{rank}.pt" not in files]
         if missing:
             raise RuntimeError(f"checkpoint {str(tmp)!r} is missing {missing} (is output_dir shared by all ranks?)")
+        from t2i_distill.training.verify import manifest_entries
+
         _json_save({"format_version": _FORMAT_VERSION, "step": step, "backend": engine.backend,
                     "world_size": engine.world_size, "mixed_precision": engine.config.mixed_precision,
                     "gradient_accumulation_steps": engine.config.gradient_accumulation_steps,
-                    "has_scheduler": engine.lr_scheduler is not None, "files": files}, tmp / MANIFEST)
+                    "has_scheduler": engine.lr_scheduler is not None, "files": files,
+                    "file_records": manifest_entries(tmp, files), **self.identity}, tmp / MANIFEST)
         _fsync_dir(tmp)
+        crash_point("checkpoint_written", step)
         previous = None
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside, swap, then delete it
             previous = final.with_name(f".old-{final.name}")
@@ -282,6 +338,7 @@ class CheckpointManager:
             os.rename(final, previous)
         os.rename(tmp, final)
         _fsync_dir(self.output_dir)
+        crash_point("checkpoint_renamed", step)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
@@ -297,12 +354,17 @@ class CheckpointManager:
             shutil.rmtree(path)
 
     # -- loading -------------------------------------------------------------------------------------------------
-    def load(self, path: str | os.PathLike, engine: Engine) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike, engine: Engine, verify: bool = True) -> dict[str, Any]:
         """Restore model, optimizer, scheduler, engine counters and this rank's RNG from ``path`` (a checkpoint
         folder or "latest"); a collective. Returns ``extra`` merged with this rank's ``per_rank_extra``. The
         checkpoint's backend, world size and accumulation steps must match the engine's (``ValueError``)."""
-        path = self.resolve(path)
+        path = self.resolve(path) if verify else Path(path)
         manifest = json.loads((path / MANIFEST).read_text())
+        for key, want in self.identity.items():
+            have = manifest.get(key)
+            if have is not None and have != want:
+                raise ValueError(f"checkpoint {str(path)!r} was written by a {key} {have!r} run; this run's {key} is "
+                                 f"{want!r}: resume it with the same {key}, or start another --output_dir")
         for key, have in (("backend", engine.backend), ("world_size", engine.world_size),
                           ("gradient_accumulation_steps", engine.config.gradient_accumulation_steps)):
             if manifest[key] != have:
@@ -385,6 +447,7 @@ def export_student(state_dict: dict[str, torch.Tensor], path_or_dir: str | os.Pa
             recorded = {k.removeprefix("t2i_distill."): v for k, v in (metadata or {}).items()}
             extra = {"t2i_distill": recorded} if recorded else {}  # the reference reads only "module"
             _torch_save({"module": {k: v.detach().to("cpu") for k, v in state_dict.items()}, **extra}, tmp)
+        crash_point("mid_export", step)
         os.replace(tmp, out)
         written.append(out)
     _fsync_dir(directory)

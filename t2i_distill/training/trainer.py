@@ -280,7 +280,7 @@ def train(args, on_finish=None) -> dict:
     (tests use it to read each rank's weights).
     """
     from t2i_distill.data import DataConfig, TrainData, encode_batch, load_cache_manifest, load_empty_prompt
-    from t2i_distill.training import EMA, CheckpointManager, EngineConfig, build_engine, check_writable, export_student
+    from t2i_distill.training import EMA, CheckpointManager, EngineConfig, build_engine, check_writable
     from t2i_distill.training.engine import seed_everything
     from t2i_distill.training.preflight import resolve_jvp
 
@@ -364,21 +364,34 @@ def train(args, on_finish=None) -> dict:
     check_writable(args.output_dir, min_free_bytes=int(args.min_free_disk_gb * 2**30)
                    + 2 * engine.checkpoint_bytes_estimate())
     ema = EMA(engine.unwrapped.student, args.ema_decay) if args.ema_decay else None
-    checkpoints = CheckpointManager(args.output_dir, total_limit=args.checkpoints_total_limit)
+    from t2i_distill.training.exports import clean_stale_temporaries, export_step, missing_exports
+
+    checkpoints = CheckpointManager(args.output_dir, total_limit=args.checkpoints_total_limit,
+                                    identity={"method": args.method})
+    if engine.is_main:
+        for stale in clean_stale_temporaries(args.output_dir):
+            logger.info("removed %s, left by an interrupted export", stale)
     global_step, counters = 0, {"nonfinite_skipped": 0}
     if args.resume_from_checkpoint:
-        path = checkpoints.latest() if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
+        if args.resume_from_checkpoint == "latest":  # the newest that verifies; newer failing ones are named
+            path = checkpoints.latest_verified(log=logger.warning)
+        else:
+            path = checkpoints.resolve(args.resume_from_checkpoint)  # verified, or refused naming the file
         if path is None:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting from step 0",
                            args.output_dir)
         else:
-            extra = checkpoints.load(path, engine)
+            extra = checkpoints.load(path, engine, verify=False)
             global_step = int(extra["trainer"]["global_step"])
             counters = dict(extra["trainer"].get("counters", counters))
             data.load_state_dict(extra["sampler"])
             if ema is not None and extra.get("ema") is not None:
                 ema.load_state_dict(extra["ema"])
             logger.info("resumed from %s at step %d", path, global_step)
+            if missing_exports(args, global_step):  # e.g. a disk that filled up while exporting: write them again
+                logger.warning("step %d's exports are missing (%s); writing them from the checkpoint", global_step,
+                               ", ".join(p.name for p in missing_exports(args, global_step)))
+                export_step(args, engine, ema, global_step, MODEL_KINDS)
 
     trackers = Trackers(args, engine.is_main, {k: v for k, v in vars(args).items()
                                                if isinstance(v, (int, float, str, bool))})
@@ -414,36 +427,9 @@ def train(args, on_finish=None) -> dict:
         extra = {"trainer": {"global_step": step, "counters": counters}, "sampler": data.state_dict()}
         # The EMA per rank: under FSDP2 each rank's shadow holds its own shards.
         per_rank = {} if ema is None else {"ema": ema.state_dict()}
-        path = checkpoints.save(step, engine, extra=extra, per_rank_extra=per_rank)
-        state = engine.state_dict_for_export()
-        ema_state = None
-        if ema is not None and args.export_ema is not False:  # default on with --ema_decay
-            with ema.average_parameters(engine.unwrapped.student):  # swapped in on every rank (FSDP2 gathers)
-                ema_state = engine.state_dict_for_export()
-        if engine.is_main:
-            from t2i_distill.models.checkpoint_files import metadata_for
-
-            student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
-            core = engine.unwrapped.student
-            metadata = metadata_for(MODEL_KINDS[args.method][0], core.config.time_scale)
-            export_student(student_state, Path(args.output_dir), step,
-                           formats=("safetensors", "pt") if args.save_pt else ("safetensors",), metadata=metadata)
-            if ema_state is not None:
-                ema_student = {k.removeprefix("student."): v for k, v in ema_state.items() if k.startswith("student.")}
-                export_student(ema_student, Path(args.output_dir) / f"transformer_{step}_ema.safetensors", step,
-                               metadata={**metadata, "t2i_distill.weights": f"ema (decay {args.ema_decay})"})
-            if getattr(args, "export_layout", "ours") == "reference":  # where the reference's GenEval scripts read
-                export_student(student_state, Path(args.output_dir) / "ckpts", step, formats=("pt",),
-                               metadata=metadata)
-            if args.method == "rescale" and step == args.max_train_steps:
-                from t2i_distill.training.rescale import write_rescaled_outputs
-
-                written = write_rescaled_outputs(student_state, dict(core.config), args.output_dir,
-                                                 args.pretrained_model_name_or_path, step, revision=args.revision,
-                                                 cache_dir=args.cache_dir)
-                logger.info("×1 teacher written: %s (pipeline folder) and %s (the reference's .pt)",
-                            written["folder"], written["pt"])
-        return path
+        # The exports first: once the checkpoint is visible, its exports exist (training/exports.py).
+        export_step(args, engine, ema, step, MODEL_KINDS)
+        return checkpoints.save(step, engine, extra=extra, per_rank_extra=per_rank)
 
     def skip_nonfinite(what: str, in_a_row: int) -> int:
         counters["nonfinite_skipped"] += 1
