@@ -6,6 +6,7 @@
 ``t2i-distill steps`` student-step benchmarks (reference vs patched vs dual) at a chosen width, depth, resolution.
 ``t2i-distill train scm|meanflow``  distillation (flags: ``t2i-distill train scm --help``).
 ``t2i-distill rescale`` the paper's ×1 teacher from the stock ×1000 FLUX (flags: ``t2i-distill rescale --help``).
+``t2i-distill verify-checkpoint PATH``  check a checkpoint's files against its manifest (sizes, BLAKE2b hashes).
 ``t2i-distill tiny``  write a tiny random FLUX pipeline folder that diffusers loads offline (tests, demo, examples).
 """
 
@@ -56,6 +57,30 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify_checkpoint(args: argparse.Namespace) -> int:
+    """Verify one checkpoint folder, or every checkpoint of an output folder (and say which one a resume takes)."""
+    from t2i_distill.training.checkpoint import CheckpointManager
+    from t2i_distill.training.verify import verify_checkpoint
+
+    path = Path(args.path)
+    if (path / "manifest.json").exists() or path.name.startswith("checkpoint-"):
+        folders = [path]
+    else:
+        folders = [p for _, p in CheckpointManager(path).checkpoints()]
+        if not folders:
+            print(f"{path}: no complete checkpoint-<step> folder", file=sys.stderr)
+            return 1
+    failed = 0
+    for folder in folders:
+        problems = verify_checkpoint(folder, hashes=not args.no_hash)
+        failed += bool(problems)
+        print(f"{folder}: " + ("verified" if not problems else "FAILED\n  " + "\n  ".join(problems)))
+    if len(folders) > 1:
+        resume = CheckpointManager(path).latest_verified()
+        print(f"--resume_from_checkpoint latest would take: {resume or 'none'}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i-distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_steps.add_argument("--device", default=None)
     p_steps.add_argument("--out", default="-", help="JSON path ('-': none)")
     p_steps.set_defaults(func=_cmd_steps)
+
+    p_verify = sub.add_parser("verify-checkpoint", help="check a checkpoint's files against its manifest (sizes and "
+                                                        "hashes), or every checkpoint of an output folder")
+    p_verify.add_argument("path", help="a checkpoint-<step> folder, or an --output_dir")
+    p_verify.add_argument("--no_hash", action="store_true", help="check presence and sizes only (fast)")
+    p_verify.set_defaults(func=_cmd_verify_checkpoint)
     from t2i_distill.benchmarks.steps import add_training_step_option
 
     add_training_step_option(p_steps)  # --training-step [JVP_MODE ...]: the whole training step, per phase

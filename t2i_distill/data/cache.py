@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -76,9 +77,16 @@ def _plan(cfg: DataConfig, model: str, revision, variant, max_sequence_length: i
             "source": {k: getattr(cfg, k) for k in _SOURCE_FIELDS}}
 
 
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename onto ``path``: readers see the old state or the complete file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """``write(tmp_path)``, fsync, rename onto ``path``: readers see the old state or the complete file. The temporary
+    name carries host and pid, so a later run can tell a dead writer's leftover (:func:`clean_stale_temporaries`)."""
+    tmp = path.with_name(f".{path.name}.{_host()}-pid{os.getpid()}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -87,6 +95,27 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def clean_stale_temporaries(root: Path) -> list[Path]:
+    """Remove temporary files a killed writer on this host left in ``root`` (its pid no longer runs); a live
+    writer's, or another host's, are kept."""
+    removed = []
+    for tmp in root.glob(".*.tmp"):
+        # ".<name>.<host>-pid<pid>.tmp", or an older ".<name>.<pid>.tmp" (this host's by assumption)
+        match = re.search(r"\.(?:(?P<host>[A-Za-z0-9_-]+)-pid)?(?P<pid>\d+)\.tmp$", tmp.name)
+        if not match or match.group("host") not in (None, _host()):
+            continue
+        try:
+            os.kill(int(match.group("pid")), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _write_or_check_plan(root: Path, plan: dict) -> None:
@@ -268,13 +297,28 @@ def build_cache(cfg: DataConfig, output_dir: str | os.PathLike, pretrained_model
         dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in clean_stale_temporaries(root):
+        logger.info("removed %s, left by an interrupted cache run", stale.name)
     plan = _plan(cfg, pretrained_model_name_or_path, revision, variant, max_sequence_length, dtype, shard_size)
     _write_or_check_plan(root, plan)
     if (root / MANIFEST_FILE).is_file():
-        logger.info("cache %s is complete; nothing to do", root)
-        manifest = load_cache_manifest(root)
-        manifest.encode_stats = {"rank": rank, "encoded_records": 0, "seconds": 0.0}
-        return manifest
+        from t2i_distill.data.cache_format import broken_shards
+
+        manifest = load_cache_manifest(root, check_files=False)
+        broken = broken_shards(root, manifest)
+        if not broken:
+            logger.info("cache %s is complete; nothing to do", root)
+            manifest.encode_stats = {"rank": rank, "encoded_records": 0, "seconds": 0.0}
+            return manifest
+        # A shard lost or damaged after the cache was finished: re-encode exactly those (the others are kept).
+        logger.warning("cache %s: re-encoding %d damaged shard(s): %s", root, len(broken),
+                       "; ".join(f"{path.name} ({why})" for path, why in broken))
+        _barrier(world)  # every rank has read the manifest before rank 0 removes anything
+        if rank == 0:
+            for path, _ in broken:
+                path.unlink(missing_ok=True)
+            (root / MANIFEST_FILE).unlink()
+        _barrier(world)
 
     from t2i_distill.data.sources import open_source
 

@@ -115,7 +115,7 @@ def load_empty_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
     return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
 
 
-def load_cache_manifest(path: str | os.PathLike) -> CacheManifest:
+def load_cache_manifest(path: str | os.PathLike, check_files: bool = True) -> CacheManifest:
     """Read ``<path>/manifest.json``; a clear ``ValueError`` for a folder that is no cache or an unfinished one."""
     root = Path(path)
     file = root / MANIFEST_FILE
@@ -132,9 +132,40 @@ def load_cache_manifest(path: str | os.PathLike) -> CacheManifest:
     known = {f.name for f in fields(CacheManifest)} - {"encode_stats"}
     manifest = CacheManifest(**{k: v for k, v in data.items() if k in known})
     missing = [s["file"] for s in manifest.shards if not (root / s["file"]).is_file()]
-    if missing:
-        raise ValueError(f"`cached_dataset` {str(root)!r}: shard file(s) missing: {missing[:5]}")
+    if missing and check_files:
+        raise ValueError(f"`cached_dataset` {str(root)!r}: shard file(s) missing: {missing[:5]}; rerun "
+                         "`t2i-distill cache` with the same flags: it re-encodes exactly those shards")
     return manifest
+
+
+def broken_shards(root: Path, manifest) -> list[tuple[Path, str]]:
+    """``(path, why)`` of every non-empty shard of ``manifest`` that is missing, has an unreadable header, is not the
+    size its header implies (truncated), or holds another number of records than the manifest says."""
+    import struct
+
+    problems = []
+    for shard in manifest.shards:
+        if not shard["num_records"]:
+            continue
+        path = Path(root) / shard["file"]
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            ids = json.loads(header.get("__metadata__", {}).get("ids", "[]"))
+        except FileNotFoundError:
+            problems.append((path, "missing"))
+            continue
+        except (OSError, ValueError, struct.error, KeyError, TypeError) as error:
+            problems.append((path, f"unreadable header ({type(error).__name__})"))
+            continue
+        if size != 8 + header_len + end:
+            problems.append((path, f"{size} bytes, its header implies {8 + header_len + end} (truncated)"))
+        elif len(ids) != shard["num_records"]:
+            problems.append((path, f"{len(ids)} records, the manifest says {shard['num_records']}"))
+    return problems
 
 
 class CacheReader:
@@ -156,6 +187,20 @@ class CacheReader:
                 self._shards.append(s)
                 total += shard["num_records"]
         self._handles: dict[int, tuple] = {}
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Every shard is readable and whole (:func:`broken_shards`): a truncated or partly written shard is named
+        here, when the cache is opened, not steps into training."""
+        from t2i_distill.errors import ConfigurationError
+
+        problems = broken_shards(self.root, self.manifest)
+        if problems:
+            shown = "; ".join(f"{path}: {why}" for path, why in problems[:5])
+            raise ConfigurationError(
+                f"{self.description}: {len(problems)} shard(s) cannot be read: {shown}"
+                f"{' ...' if len(problems) > 5 else ''}. Rerun `t2i-distill cache` with the same flags: it re-encodes "
+                "exactly those shards")
 
     def __len__(self) -> int:
         return self.manifest.num_records

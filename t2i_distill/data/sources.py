@@ -117,10 +117,43 @@ def _load_datasets(spec: SourceSpec, cfg: DataConfig):
             ds = ds[cfg.dataset_split]
         return ds.to_iterable_dataset() if cfg.streaming else ds
     if spec.kind == "imagefolder":
+        check_imagefolder_metadata(spec.target)  # named file and line, instead of pyarrow's "JSON parse error"
         return datasets.load_dataset("imagefolder", data_dir=spec.target, **common)
     if spec.kind == "datasets_dir":
         return datasets.load_dataset(spec.target, cfg.dataset_config_name, **common)
     return datasets.load_dataset(spec.kind, data_files={cfg.dataset_split: spec.files}, **common)
+
+
+def check_imagefolder_metadata(root: str) -> None:
+    """Refuse an imagefolder whose ``metadata.jsonl`` has a line that is not a JSON object (or whose
+    ``metadata.csv`` does not parse), naming the file and the line, before ``datasets`` reads it."""
+    import csv
+    import json
+
+    from t2i_distill.errors import ConfigurationError
+
+    for path in sorted(Path(root).rglob("metadata.jsonl")):
+        bad = []
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as error:
+                    bad.append(f"line {number} ({str(error).split(':')[0]}: {line.strip()[:60]!r})")
+        if bad:
+            raise ConfigurationError(f"{path}: {len(bad)} line(s) are not JSON objects: {'; '.join(bad[:5])}"
+                                     f"{' ...' if len(bad) > 5 else ''}; fix or remove them")
+    for path in sorted(Path(root).rglob("metadata.csv")):
+        with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+            rows = list(csv.reader(handle))
+        width = len(rows[0]) if rows else 0
+        bad = [f"line {n}" for n, row in enumerate(rows[1:], start=2) if row and len(row) != width]
+        if bad:
+            raise ConfigurationError(f"{path}: {len(bad)} row(s) do not have the header's {width} columns: "
+                                     f"{', '.join(bad[:5])}; fix or remove them")
 
 
 def _prepare_columns(ds, cfg: DataConfig, description: str):
