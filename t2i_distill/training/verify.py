@@ -6,9 +6,10 @@ and its small JSON files parse. ``resume latest`` takes the newest verified chec
 one failed and why; an explicit checkpoint that fails is refused naming the file. A flipped byte in a same-size file
 changes its hash, so a tampered or bit-rotted checkpoint is never resumed silently.
 
-BLAKE2b (hashlib, no extra dependency) runs at about 1 GB/s per core here; the hashes are computed by the main rank
-after every rank finished writing and before the folder becomes visible, so a crash mid-hash leaves only a temporary
-folder. Manifests of the first format (no hashes) are checked for presence only, with a warning.
+BLAKE2b (hashlib, no extra dependency) runs at about 0.64 GiB/s per core on the 2-core CI machine, one thread per
+file; the hashes are computed by the main rank after every rank finished writing and before the folder becomes
+visible, so a crash mid-hash leaves only a temporary folder. Manifests of the first format (no hashes) are checked
+for presence only.
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def manifest_entries(folder: str | os.PathLike, files: list[str]) -> dict[str, dict]:
     """``{relative path: {"size", "blake2b"}}`` for ``files`` under ``folder``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     folder = Path(folder)
-    return {name: {"size": (folder / name).stat().st_size, "blake2b": file_digest(folder / name)} for name in files}
+    # One thread per file (hashlib releases the GIL): per-rank shards and optimizer files hash in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
+        digests = dict(zip(files, pool.map(lambda name: file_digest(folder / name), files)))
+    return {name: {"size": (folder / name).stat().st_size, "blake2b": digests[name]} for name in files}
 
 
 def verify_checkpoint(path: str | os.PathLike, *, hashes: bool = True) -> list[str]:
@@ -57,7 +63,7 @@ def verify_checkpoint(path: str | os.PathLike, *, hashes: bool = True) -> list[s
             raise ValueError("no 'files' list")
     except (OSError, ValueError) as error:
         return [f"{manifest_path}: unreadable ({type(error).__name__}: {error})"]
-    problems = []
+    problems, to_hash = [], []
     records = manifest.get("file_records") or {}
     for name in manifest["files"]:
         file = path / name
@@ -70,8 +76,16 @@ def verify_checkpoint(path: str | os.PathLike, *, hashes: bool = True) -> list[s
         size = file.stat().st_size
         if size != record["size"]:
             problems.append(f"{file}: {size} bytes, the manifest recorded {record['size']} (truncated or replaced)")
-        elif hashes and file_digest(file) != record["blake2b"]:
-            problems.append(f"{file}: its content hash differs from the manifest's (corrupted or modified)")
+        elif hashes:
+            to_hash.append(name)
+    if to_hash:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(to_hash)))) as pool:
+            for name, digest in zip(to_hash, pool.map(lambda n: file_digest(path / n), to_hash)):
+                if digest != records[name]["blake2b"]:
+                    problems.append(f"{path / name}: its content hash differs from the manifest's (corrupted or "
+                                    "modified)")
     for name in ("engine.json",):
         file = path / name
         if file.is_file() and not problems:
