@@ -82,6 +82,8 @@ def _cmd_verify_checkpoint(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from t2i_distill.flag_types import nonnegative_int, positive_int
+
     parser = argparse.ArgumentParser(prog="t2i-distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -95,21 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_parity.add_argument("--out", default="t2i-distill-report.json",
                           help="where to write the JSON report ('-' for none; default: %(default)s)")
     p_parity.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p_parity.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
+    p_parity.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions per measurement")
     p_parity.set_defaults(func=_cmd_parity)
 
     p_steps = sub.add_parser("steps", help="student-step benchmarks: reference vs patched vs dual forward")
     p_steps.add_argument("--method", nargs="+", default=["scm", "meanflow"], choices=["scm", "meanflow"])
     p_steps.add_argument("--width", default="tiny", choices=["tiny", "lite8b"],
                          help="tiny FLUX or FLUX.1-lite-8B block width (random weights either way)")
-    p_steps.add_argument("--double", type=int, default=1, help="double-stream blocks (the student: 8)")
-    p_steps.add_argument("--single", type=int, default=1, help="single-stream blocks (the student: 38)")
-    p_steps.add_argument("--resolution", type=int, default=64, help="image side in pixels (16 px per token side)")
-    p_steps.add_argument("--text_tokens", "--text-tokens", type=int, default=16)
-    p_steps.add_argument("--batch", type=int, default=1)
+    p_steps.add_argument("--double", type=nonnegative_int, default=1, help="double-stream blocks (the student: 8)")
+    p_steps.add_argument("--single", type=nonnegative_int, default=1, help="single-stream blocks (the student: 38)")
+    p_steps.add_argument("--resolution", type=positive_int, default=64,
+                         help="image side in pixels (16 px per token side)")
+    p_steps.add_argument("--text_tokens", "--text-tokens", type=positive_int, default=16)
+    p_steps.add_argument("--batch", type=positive_int, default=1)
     p_steps.add_argument("--providers", nargs="+", default=["reference", "patched", "dual"],
                          choices=["reference", "patched", "dual"])
-    p_steps.add_argument("--repeats", type=int, default=3)
+    p_steps.add_argument("--repeats", type=positive_int, default=3)
     p_steps.add_argument("--device", default=None)
     p_steps.add_argument("--out", default="-", help="JSON path ('-': none)")
     p_steps.set_defaults(func=_cmd_steps)

@@ -152,9 +152,11 @@ def write_tiny_flux_pipeline(output_dir: str | os.PathLike, seed: int = 0) -> Pa
 
 # -- command line -----------------------------------------------------------------------------------------------
 def add_subparser(subparsers) -> None:
+    from t2i_distill.flag_types import nonnegative_int
+
     p = subparsers.add_parser("tiny", help="write a tiny random FLUX pipeline folder that FluxPipeline loads offline")
     p.add_argument("--output_dir", required=True, help="new (or empty) folder to write")
-    p.add_argument("--seed", type=int, default=0, help="seed of every weight (default: %(default)s)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every weight (default: %(default)s)")
     p.set_defaults(func=_cmd_tiny)
 
 

@@ -201,14 +201,18 @@ def mini_geneval_metadata(per_task: int = 4) -> list[dict]:
 
 # -- command line -----------------------------------------------------------------------------------------------
 def add_subparser(subparsers) -> None:
+    from t2i_distill.flag_types import nonnegative_int, positive_int
+
     p = subparsers.add_parser("shapes", help="write the synthetic coloured-shapes imagefolder and mini-GenEval prompts")
     p.add_argument("--output_dir", required=True, help="new (or empty) folder for the imagefolder")
-    p.add_argument("--num_images", type=int, default=480, help="images (48 scenes cycle; default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="layout seed (default: %(default)s)")
+    p.add_argument("--num_images", type=positive_int, default=480,
+                   help="images (48 scenes cycle; default: %(default)s)")
+    p.add_argument("--resolution", type=positive_int, default=64, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="layout seed (default: %(default)s)")
     p.add_argument("--geneval_metadata", default=None,
                    help="also write the mini-GenEval prompts (GenEval's metadata format) to this .jsonl path")
-    p.add_argument("--per_task", type=int, default=4, help="mini-GenEval prompts per task (default: %(default)s)")
+    p.add_argument("--per_task", type=positive_int, default=4,
+                   help="mini-GenEval prompts per task (default: %(default)s)")
     p.set_defaults(func=_cmd_shapes)
 
 
