@@ -292,8 +292,8 @@ def add_subparser(subparsers) -> None:
 
     p = subparsers.add_parser("demo-teacher", help="regenerate the demo's tiny trained FLUX teacher from its seed")
     p.add_argument("--output_dir", required=True, help="new (or empty) folder to write")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data,
-                   weights and noise (default: %(default)s)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of data, weights and noise (default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help=f"flow-teacher training steps (default: {DemoTeacherConfig.flow_steps}, the shipped teacher's)")
     p.set_defaults(func=_cmd_demo_teacher)
