@@ -11,8 +11,13 @@ numerical root: the AdaLN conditioning ``temb`` of :meth:`FluxStudent.conditioni
 at ×1000 and ×1, each against the same weights in float64 at the same scale (the truth). Same random weights for
 every variant (FLUX.1-lite-8B's embedder widths: hidden 3072, pooled 768, guidance embeds; one block of each kind,
 which ``conditioning`` does not run). Reported: relative L2 error ‖x − truth‖/‖truth‖ per t, median and max over t.
+The tangent is ``torch.func.jvp`` of ``conditioning`` along t (tangent ones); guidance is fixed at 3.5, so it moves
+``temb`` but not the tangent. Reading the bf16 ×1000 row: 3.5 × 1000 rounds to 3504 in bf16, a constant offset that
+makes most of its ``temb`` error (with guidance 4, whose ×1000 is exact in bf16, it drops from ~0.34 to ~0.06); the
+tangent error comes from t·1000 rounded to bf16 (steps of 2–4 near t = 1), which the top sinusoid frequencies
+(~1 rad per unit) turn into phase noise. Any bf16 model's floor (~3e-3) is its bf16 weights and output.
 
-    python bench/time_embedding_precision.py [--tiny] [--out bench/results/time_embedding_precision-cpu.json]
+    python bench/time_embedding_precision.py [--tiny] [--out JSON]  # default: bench/results/...-cpu.committed.json
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,10 +43,14 @@ VARIANTS = (("bf16", torch.bfloat16, False), ("bf16 + fp32 time embedding", torc
 
 
 def _model(config: dict, state: dict, scale: float, dtype: torch.dtype, fp32: bool):
+    """A fresh instance with this scale/flag and the shared weights. Built on the meta device and given ``state``'s
+    tensors (``assign``): one random init for all variants, not one each (at lite-8B width the blocks hold ~0.5 B
+    parameters, though :meth:`conditioning` never runs them)."""
     from t2i_distill.models import FluxStudent
 
-    model = FluxStudent(**config, time_scale=scale, time_embedding_fp32=fp32)
-    model.load_state_dict(state)
+    with torch.device("meta"):
+        model = FluxStudent(**config, time_scale=scale, time_embedding_fp32=fp32)
+    model.load_state_dict(state, assign=True)
     return model.to(dtype).eval()
 
 
@@ -77,7 +88,16 @@ def measure(config: dict, points: int = 257, seed: int = 0) -> list[dict]:
             rows.append({"variant": name, "time_scale": scale,
                          **{f"{k}_rel_err_{stat}": float(getattr(v, stat)()) for k, v in errors.items()
                             for stat in ("median", "max")}})
+            del model  # one model alive at a time (a float64 one at lite-8B width is ~4 GB)
     return rows
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=REPO).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _find(rows, variant, scale, key):
@@ -89,22 +109,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="the tiny FLUX widths (fast; for tests)")
     parser.add_argument("--points", type=int, default=257,
                         help="t values in [0.001, 0.999], rounded to bf16 (default: %(default)s)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "time_embedding_precision-cpu.json"))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--out",
+                        default=str(REPO / "bench" / "results" / "time_embedding_precision-cpu.committed.json"),
+                        help="JSON path ('-': none; default: %(default)s)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()  # `.to(bf16)` warns about modules to keep in fp32: FLUX has none
     if args.tiny:
         from t2i_distill.tiny import TINY_FLUX_CONFIG
 
         config = {**TINY_FLUX_CONFIG, "guidance_embeds": True}
     else:
         config = LITE8B
-    rows = measure(config, points=args.points)
+    threads, verbosity = torch.get_num_threads(), diffusers_logging.get_verbosity()
+    torch.set_num_threads(args.threads)
+    diffusers_logging.set_verbosity_error()  # `.to(bf16)` warns about modules to keep in fp32: FLUX has none
+    start = time.perf_counter()
+    try:
+        rows = measure(config, points=args.points)
+    finally:  # main() is also called in-process (tests): leave the process as found
+        torch.set_num_threads(threads)
+        diffusers_logging.set_verbosity(verbosity)
+    seconds = time.perf_counter() - start
     widths = "tiny" if args.tiny else "lite-8B"
-    print(f"machine: {platform.machine()} CPU, torch {torch.__version__}; widths: {widths}; "
-          f"{args.points} t in [0.001, 0.999], guidance 3.5; relative L2 error vs float64")
+    print(f"machine: {platform.machine()} CPU, {args.threads} torch threads, torch {torch.__version__}; widths: "
+          f"{widths}; {args.points} t in [0.001, 0.999], guidance 3.5; relative L2 error vs float64; {seconds:.0f} s")
     print("| variant | scale | temb median | temb max | tangent median | tangent max |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -116,9 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"the one at ×1; float32 time embeddings cut the ×1000 tangent error "
         f"{_find(rows, 'bf16', 1000.0, key) / _find(rows, 'bf16 + fp32 time embedding', 1000.0, key):.0f}×")
     print(conclusion)
-    result = {"machine": f"{platform.machine()} CPU", "torch": torch.__version__,
-              "widths": "tiny" if args.tiny else "lite-8B", "points": args.points, "rows": rows,
-              "conclusion": conclusion}
+    result = {"machine": f"{platform.machine()} CPU", "torch": torch.__version__, "git_sha": _git_sha(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads,
+              "widths": widths, "config": config, "points": args.points, "t_range": [0.001, 0.999],
+              "guidance": 3.5, "seconds": round(seconds, 1), "rows": rows, "conclusion": conclusion}
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -100,6 +100,8 @@ def check_mode_and_patch(jvp_mode: object, student: torch.nn.Module) -> str:
     from t2i_distill.models.flux_patch import is_patched
 
     mode = check_jvp_mode(jvp_mode)
+    if mode == "fd":  # plain forwards: patched (the fastest attention) or not
+        return mode
     patched = is_patched(student)
     if mode == "func" and not patched:
         raise ValueError("jvp_mode='func' differentiates the kernel-patched student: call "

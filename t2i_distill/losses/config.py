@@ -21,8 +21,13 @@ from dataclasses import dataclass, fields
 __all__ = ["JVP_MODES", "MeanFlowConfig", "SCMConfig", "check_jvp_mode"]
 
 #: ``dual``: one explicit dual pass with grad; ``func``: ``torch.func.jvp`` over the kernel-patched student, then the
-#: grad forward; ``reference``: ``torch.func.jvp`` with math attention (+ bf16 autocast on CUDA), as T2I-Distill.
-JVP_MODES = ("dual", "func", "reference")
+#: grad forward; ``reference``: ``torch.func.jvp`` with math attention (+ bf16 autocast on CUDA), as T2I-Distill;
+#: ``fd``: a forward finite difference (f(x + ε·ẋ, t + ε·ṫ) − f(x, t)) / ε, rCM's "semi-continuous time" and
+#: FastGen's ``use_jvp_finite_diff``: one extra no-grad forward, no forward AD at all (the baseline to beat).
+JVP_MODES = ("dual", "func", "reference", "fd")
+
+#: ε of ``fd``: near the float32 optimum (truncation O(ε), rounding O(1e-7/ε)); rCM uses Δt = 1e-4.
+DEFAULT_FD_EPSILON = 1e-3
 
 
 def check_jvp_mode(jvp_mode: object) -> str:
@@ -74,6 +79,7 @@ class SCMConfig:
         scm_lambda: multiplier of the loss (``--scm_lambda``).
         time_sampler_sigma: the σ in t = arctan(σ / ·) of the time sampler: ``"sigma_data"`` (default, fix of B9)
             or ``"reference"`` (the reference's hard-coded 0.5). They differ only when ``sigma_data != 0.5``.
+        fd_epsilon: ε of ``jvp_mode="fd"`` (``--fd_epsilon``).
     """
 
     sigma_data: float = 0.5
@@ -84,8 +90,10 @@ class SCMConfig:
     tangent_norm_constant: float = 0.1
     scm_lambda: float = 1.0
     time_sampler_sigma: str = "sigma_data"
+    fd_epsilon: float = DEFAULT_FD_EPSILON
 
     def __post_init__(self) -> None:
+        _real("fd_epsilon", self.fd_epsilon, low=0.0, low_open=True)
         _real("sigma_data", self.sigma_data, low=0.0, low_open=True)
         _real("logit_mean", self.logit_mean)
         _real("logit_std", self.logit_std, low=0.0, low_open=True)
@@ -151,8 +159,10 @@ class MeanFlowConfig:
     cfg_max_t: float = 1.0
     cfg_velocity_at: str = "t"
     tangent: str = "teacher"
+    fd_epsilon: float = DEFAULT_FD_EPSILON
 
     def __post_init__(self) -> None:
+        _real("fd_epsilon", self.fd_epsilon, low=0.0, low_open=True)
         _choice("path_type", self.path_type, ("linear", "cosine"))
         _choice("time_sampler", self.time_sampler, ("logit_normal", "uniform"))
         _real("time_mu", self.time_mu)

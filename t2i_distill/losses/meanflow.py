@@ -98,7 +98,7 @@ def meanflow_loss(
         config: the constants (default :class:`MeanFlowConfig`).
         null_condition: ``(null_prompt_embeds (1, T, joint dim), null_pooled (1, pooled dim))``, the " " prompt.
         draws: the randomness (default: :func:`draw_meanflow` in the reference's RNG order).
-        jvp_mode: ``"dual"``, ``"func"`` or ``"reference"`` (see :mod:`t2i_distill.losses`).
+        jvp_mode: ``"dual"``, ``"func"``, ``"reference"`` or ``"fd"`` (see :mod:`t2i_distill.losses`).
         phases: phase hook wrapped around ``"student"``, ``"teacher"``, ``"cfg"``, ``"jvp"`` (``"dual"`` in dual
             mode) and ``"loss"``.
 
@@ -163,6 +163,12 @@ def meanflow_loss(
             ones = torch.ones_like(t)
             u, dudt = flux_forward_jvp(core, z_t, tangent, timestep=t, t_timestep=ones, timestep2=time_diff.reshape(
                 [bsz]), t_timestep2=ones, **kwargs)
+    elif mode == "fd":  # (u(z + ε·ż, r, t + ε) − u(z, r, t)) / ε: r fixed, so t − r grows by ε too
+        eps = config.fd_epsilon
+        with phases("jvp"), jvp_context(mode, device, dtype):
+            u_ahead = core(hidden_states=z_t + eps * tangent.to(z_t.dtype), timestep=t + eps,
+                           timestep2=time_diff.reshape([bsz]) + eps, return_dict=False, **kwargs)[0]
+        dudt = (u_ahead.float() - u.detach().float()) / eps
     else:
         with phases("jvp"):
             dudt = _grouped_jvp(core, mode, groups, z_t, r, t, tangent, kwargs)

@@ -69,7 +69,7 @@ def scm_loss(
         step: the global optimisation step (the tangent warmup r = min(1, step / W)).
         config: the constants (default :class:`SCMConfig`).
         draws: the randomness (default: :func:`draw_scm` in the reference's RNG order).
-        jvp_mode: ``"dual"``, ``"func"`` or ``"reference"`` (module docstring).
+        jvp_mode: ``"dual"``, ``"func"``, ``"reference"`` or ``"fd"`` (:data:`~t2i_distill.losses.JVP_MODES`).
         phases: a phase hook (``phases(name)`` is a context manager, e.g. :class:`~t2i_distill.losses.PhaseTimer`)
             wrapped around ``"teacher"``, ``"jvp"``, ``"student"`` (``"dual"`` in dual mode) and ``"loss"``.
 
@@ -115,6 +115,13 @@ def scm_loss(
     if mode == "dual":
         with phases("dual"):
             f_theta, f_dot, logvar = _dual(core, x_hat, v_x, t_b11, v_t, kwargs)
+    elif mode == "fd":  # (F(x̂ + ε·ẋ, t + ε·ṫ) − F(x̂, t)) / ε, the second forward being the grad one
+        eps = config.fd_epsilon
+        with phases("jvp"), jvp_context(mode, device, dtype):
+            f_ahead = core(hidden_states=x_hat + eps * v_x, timestep=(t_b11 + eps * v_t).reshape([bsz]), **kwargs)
+        with phases("student"), grad_context(mode, core):
+            f_theta, logvar = student(hidden_states=x_hat, timestep=t.reshape([bsz]), return_logvar=True, **kwargs)
+        f_dot = (_at_least_fp32(f_ahead) - _at_least_fp32(f_theta.detach())) / eps
     else:
         with phases("jvp"), jvp_context(mode, device, dtype):
             _, f_dot = torch.func.jvp(lambda x, tt: core(hidden_states=x, timestep=tt.reshape([bsz]), **kwargs),

@@ -32,7 +32,7 @@ __all__ = ["METHODS", "build_parser", "parse_args", "str2bool"]
 
 METHODS = ("scm", "meanflow", "rescale")
 BACKENDS = ("auto", "single", "ddp", "fsdp2", "deepspeed")
-JVP_MODES = ("auto", "dual", "func", "reference")
+JVP_MODES = ("auto", "dual", "func", "reference", "fd")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -133,11 +133,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", default=None, choices=["no", "bf16"],
                    help="default: the DeepSpeed JSON's bf16.enabled when it sets one, else bf16 on CUDA and no on CPU")
     g.add_argument("--cpu", action="store_true", help="train on the CPU (gloo), e.g. for tests")
+    g.add_argument("--fd_epsilon", type=positive_float, default=1e-3,
+                   help="--jvp fd: the finite-difference step along the tangent (time units of the loss)")
     g.add_argument("--jvp", default="auto", choices=JVP_MODES,
                    help="auto: dual on CUDA (func with --gradient_checkpointing), reference on a CPU (where the Triton "
                         "kernels run in the slow interpreter); dual: one fused primal+tangent pass; func: "
                         "torch.func.jvp over the kernel-patched student; "
-                        "reference: torch.func.jvp with math attention, as the reference. rescale has no JVP: "
+                        "reference: torch.func.jvp with math attention, as the reference; fd: a forward finite "
+                        "difference (rCM's Δt / FastGen's use_jvp_finite_diff), one extra no-grad forward, step "
+                        "--fd_epsilon (needs float32 times: in bf16 ε must exceed the time's rounding). rescale has "
+                        "no JVP: "
                         "dual/func run its student on the Triton kernels, reference on diffusers' attention")
 
     g = p.add_argument_group("checkpoints and logging")

@@ -175,7 +175,8 @@ def prepare_student(student, args) -> None:
     """Kernels for the JVP modes that use them; gradient checkpointing only when asked (never behind one's back)."""
     from t2i_distill import apply_kernels_to_flux
 
-    if args.jvp in ("dual", "func"):
+    # fd runs plain forwards: on the kernels where they are fast (CUDA), on diffusers' attention on a CPU.
+    if args.jvp in ("dual", "func") or (args.jvp == "fd" and torch.cuda.is_available() and not args.cpu):
         apply_kernels_to_flux(student)
     if args.gradient_checkpointing:
         if args.jvp == "dual" and args.method != "rescale":

@@ -57,7 +57,7 @@ def student_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method, jvp", [("scm", "dual"), ("meanflow", "dual"), ("scm", "func"),
-                                         ("meanflow", "reference")])
+                                         ("meanflow", "reference"), ("meanflow", "fd")])
 def test_a_short_run_trains_and_exports(folder, images, tmp_path, method, jvp):
     out = tmp_path / "run"
     summary = train(parse_args(method, flags(folder, images, out, "--max_train_steps", "2", "--jvp", jvp,
