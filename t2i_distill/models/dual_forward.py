@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import t2i_kernels
 from t2i_distill.models.trigflow import flow_input_scale, flow_to_trigflow_velocity, trigflow_to_flow_time
@@ -164,6 +165,12 @@ def single_block_jvp(block, hidden: Pair, encoder: Pair, temb: Pair, rotary) -> 
     return (out[:, :text_len], tout[:, :text_len]), (out[:, text_len:], tout[:, text_len:])
 
 
+def _block_pairs(step, block, h0, h1, e0, e1, t0, t1, rotary):
+    """A block's dual pass with flat tensor arguments and results (what ``torch.utils.checkpoint`` takes)."""
+    (e0, e1), (h0, h1) = step(block, (h0, h1), (e0, e1), (t0, t1), rotary)
+    return e0, e1, h0, h1
+
+
 def _conditioning_jvp(model, timestep, t_timestep, pooled, guidance, timestep2, t_timestep2, dtype) -> Pair:
     def conditioning(t: torch.Tensor, t2: torch.Tensor | None) -> torch.Tensor:
         return model.conditioning(t, pooled, guidance, t2, dtype=dtype)
@@ -205,10 +212,19 @@ def flux_forward_jvp(
     encoder_primal = model.context_embedder(encoder_hidden_states)
     encoder = (encoder_primal, torch.zeros_like(encoder_primal))  # text enters without a tangent
     rotary = model.rotary_embedding(img_ids, txt_ids)
-    for block in model.transformer_blocks:
-        encoder, hidden = double_block_jvp(block, hidden, encoder, temb, rotary)
-    for block in model.single_transformer_blocks:
-        encoder, hidden = single_block_jvp(block, hidden, encoder, temb, rotary)
+    # Gradient checkpointing (``model.enable_gradient_checkpointing()``, as FluxStudent.forward honours it): each
+    # block's dual pass keeps only its inputs and is recomputed in the backward; the tangents come out detached-in-
+    # effect (no gradient ever flows into them), so the backward differentiates the primal path only.
+    checkpointed = torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False)
+    stages = ((double_block_jvp, model.transformer_blocks), (single_block_jvp, model.single_transformer_blocks))
+    for step, blocks in stages:
+        for block in blocks:
+            if checkpointed:
+                e0, e1, h0, h1 = torch.utils.checkpoint.checkpoint(
+                    _block_pairs, step, block, *hidden, *encoder, *temb, rotary, use_reentrant=False)
+                encoder, hidden = (e0, e1), (h0, h1)
+            else:
+                encoder, hidden = step(block, hidden, encoder, temb, rotary)
     scale, shift = _adaln_chunks(model.norm_out, temb, 2, cast_to=hidden[0].dtype)
     out = dual_linear(model.proj_out, *_ln_modulate(model.norm_out.norm.eps, hidden, scale, shift))
     return out[0], out[1].detach()

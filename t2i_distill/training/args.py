@@ -96,7 +96,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="optimizer steps (overrides --num_train_epochs)")
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute each block in the backward (never switched on unless asked, unlike B4)")
+                   help="recompute each block in the backward, in every --jvp mode (never switched on unless asked, "
+                        "unlike B4)")
     g.add_argument("--learning_rate", type=positive_float, default=1e-4)
     g.add_argument("--scale_lr", action="store_true", help="lr × accumulation × batch × processes")
     g.add_argument("--lr_scheduler", default="constant",
@@ -136,7 +137,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fd_epsilon", type=positive_float, default=1e-3,
                    help="--jvp fd: the finite-difference step along the tangent (time units of the loss)")
     g.add_argument("--jvp", default="auto", choices=JVP_MODES,
-                   help="auto: dual on CUDA (func with --gradient_checkpointing), reference on a CPU (where the Triton "
+                   help="auto: dual on CUDA, reference on a CPU (where the Triton "
                         "kernels run in the slow interpreter); dual: one fused primal+tangent pass; func: "
                         "torch.func.jvp over the kernel-patched student; "
                         "reference: torch.func.jvp with math attention, as the reference; fd: a forward finite "
@@ -402,9 +403,6 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
     problems += ds_problems
     backend = args.backend if args.backend != "auto" else ("deepspeed" if args.deepspeed_config else "ddp/single")
     problems += missing_packages(args, backend)
-    if args.gradient_checkpointing and args.jvp == "dual" and method != "rescale":
-        problems.append("--gradient_checkpointing with --jvp dual: the fused dual pass keeps its activations and "
-                        "cannot recompute blocks yet; use --jvp func (or auto, which picks func)")
     note = resolve_jvp(args, cuda)
     ignored = [f"--{dest} is accepted for the reference's scripts and ignored: {why}" for dest, why in (
         ("local_rank", "the trainer reads LOCAL_RANK from the environment (torchrun and deepspeed set it)"),

@@ -8,9 +8,8 @@
   a problem naming both values (:func:`take_deepspeed_settings`).
 * **Installed packages** for the chosen backend, optimizer and tracker, each naming its install extra
   (:func:`missing_packages`).
-* **``--jvp auto``**: ``dual`` on CUDA (``func`` with ``--gradient_checkpointing``, which the fused pass cannot
-  recompute yet), ``reference`` on a CPU, where Triton's interpreter is a correctness tool, not a fast path
-  (:func:`resolve_jvp`).
+* **``--jvp auto``**: ``dual`` on CUDA (checkpointable like the others), ``reference`` on a CPU, where Triton's
+  interpreter is a correctness tool, not a fast path (:func:`resolve_jvp`).
 """
 
 from __future__ import annotations
@@ -131,9 +130,6 @@ def resolve_jvp(args: argparse.Namespace, cuda: bool) -> str | None:
             args.jvp = "reference"
             return ("--jvp auto: reference (no GPU: the Triton kernels would run in the CPU interpreter, a correctness "
                     "tool ~20-50× slower than math attention here)")
-        if args.gradient_checkpointing:
-            args.jvp = "func"
-            return "--jvp auto: func (--gradient_checkpointing: the fused dual pass cannot recompute blocks yet)"
         args.jvp = "dual"
         return "--jvp auto: dual (CUDA: one fused primal + tangent pass)"
     if not cuda and args.jvp in ("dual", "func"):

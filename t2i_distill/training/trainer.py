@@ -178,10 +178,7 @@ def prepare_student(student, args) -> None:
     # fd runs plain forwards: on the kernels where they are fast (CUDA), on diffusers' attention on a CPU.
     if args.jvp in ("dual", "func") or (args.jvp == "fd" and torch.cuda.is_available() and not args.cpu):
         apply_kernels_to_flux(student)
-    if args.gradient_checkpointing:
-        if args.jvp == "dual" and args.method != "rescale":
-            raise ValueError("--gradient_checkpointing: the fused dual pass (--jvp dual) keeps its activations and "
-                             "cannot recompute blocks yet; use --jvp func for checkpointed training")
+    if args.gradient_checkpointing:  # every mode, the fused dual pass included (each block recomputed)
         student.enable_gradient_checkpointing()
 
 

@@ -21,8 +21,8 @@ def test_reference_flag_names_parse_with_the_reference_defaults(monkeypatch):
     assert args.deepspeed_config == "parallel_config/deepspeed_bf16_batch8.json"  # --ds_file is an alias
     assert (args.logit_mean, args.logit_std, args.max_grad_norm) == (0.2, 1.6, 0.1)
     assert args.sigma_data == 0.5 and args.tangent_warmup_steps == 4000 and args.scm_cfg_scale == [4.0, 4.5, 5.0]
-    # --jvp auto with --gradient_checkpointing on CUDA: func (the fused dual pass cannot recompute blocks yet).
-    assert args.gradient_checkpointing and args.jvp == "func" and args.method == "scm"
+    # --jvp auto on CUDA: dual, checkpointed like the other modes.
+    assert args.gradient_checkpointing and args.jvp == "dual" and args.method == "scm"
     assert args.train_batch_size == 8 and args.mixed_precision == "bf16"  # taken from the JSON (flags not given)
 
 
@@ -121,13 +121,12 @@ def test_every_problem_is_reported_at_once_with_its_flag(capsys, monkeypatch, tm
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(SystemExit):
         parse_args("scm", ["--pretrained_model_name_or_path", str(tmp_path / "absent"), "--train_data_dir", "d",
-                           "--ds_file", DS8, "--train_batch_size", "4", "--gradient_checkpointing", "--jvp", "dual",
-                           "--resolution", "30"], check_files=True)
+                           "--ds_file", DS8, "--train_batch_size", "4", "--resolution", "30"], check_files=True)
     err = capsys.readouterr().err
     assert "problems:" in err
     for needle in ("--resolution must be a multiple of 16", "--train_batch_size 4 disagrees with the DeepSpeed JSON's "
                    "train_micro_batch_size_per_gpu 8", 'pip install "t2i-distill[deepspeed]"',
-                   "--gradient_checkpointing with --jvp dual", "the folder does not exist"):
+                   "the folder does not exist"):
         assert needle in err, needle
 
 
@@ -145,7 +144,7 @@ def test_a_bf16_json_on_a_cpu_is_refused_naming_the_file(capsys):
 
 
 @pytest.mark.parametrize("cuda, extra, mode", [(False, [], "reference"), (True, [], "dual"),
-                                               (True, ["--gradient_checkpointing"], "func"),
+                                               (True, ["--gradient_checkpointing"], "dual"),
                                                (False, ["--jvp", "dual"], "dual")])
 def test_jvp_auto_picks_by_device_and_says_why(monkeypatch, cuda, extra, mode):
     monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
