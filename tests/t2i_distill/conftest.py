@@ -1,4 +1,5 @@
-"""The tiny FLUX pipeline folder the pipeline tests load (written once per test session, offline)."""
+"""Shared by the pipeline and evaluation tests: the tiny FLUX pipeline folder (written once per test session, offline)
+and untrained student checkpoints of it."""
 
 from __future__ import annotations
 
