@@ -52,7 +52,7 @@ rc=0
   --rdzv-conf="timeout=$rdzv_timeout" \
   -m t2i_distill.cli $([[ "$method" == rescale ]] || echo train) "$method" ${trainer_args[@]+"${trainer_args[@]}"} \
   || rc=$?
-first="$(ls "$T2I_ERROR_DIR" 2>/dev/null | sort | head -n 1)"
+first="$(ls "$T2I_ERROR_DIR" 2>/dev/null | sort | sed -n 1p)"
 if [[ $rc -ne 0 && -n "$first" ]]; then
   echo "" >&2
   echo "scripts/train.sh: training failed on $(ls "$T2I_ERROR_DIR" | wc -l) rank(s); the first error:" >&2

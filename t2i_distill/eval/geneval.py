@@ -139,7 +139,9 @@ def check_settings(output_dir: str | os.PathLike, settings: dict) -> None:
                                  f"record ({SETTINGS_FILE}); they cannot be checked against this run: use another "
                                  "--output_dir")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # Every rank of a launch may get here first: each writes its own temporary file (identical content), the
+    # renames race harmlessly, and the result is then checked like a resumed folder's.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
 

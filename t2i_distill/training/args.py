@@ -410,7 +410,7 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
     ) if dest in explicit]
     if check_files and args.pretrained_model_name_or_path:
         from t2i_distill.errors import ConfigurationError
-        from t2i_distill.training.trainer import check_models
+        from t2i_distill.training.model_check import check_models
 
         try:
             check_models(args)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from t2i_distill.training.args import parse_args
+from t2i_distill.training.model_check import MODEL_KINDS, _model_flags, check_models
 
 logger = logging.getLogger("t2i_distill.train")
 
@@ -107,38 +108,6 @@ def resolve_backend(args) -> str:
     if args.deepspeed_config:
         return "deepspeed"
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
-
-
-#: The models of each method: (student kind, teacher kind).
-MODEL_KINDS = {"scm": ("trigflow", "trigflow"), "meanflow": ("meanflow", "flow"), "rescale": ("flow", "flow")}
-
-
-def _model_flags(args) -> dict[str, str]:
-    kind = "`t2i-distill rescale`" if args.method == "rescale" else f"`train {args.method}`"
-    return {"pretrained": "--pretrained_model_name_or_path", "checkpoint": "--rescaled_checkpoint_path",
-            "time_scale": "--time_scale", "kind": f"{kind}'s teacher"}
-
-
-def check_models(args) -> float:
-    """Every model refusal, from configs and checkpoint headers only, before any data or weights load; returns the
-    teacher's time scale."""
-    from t2i_distill.models.loading import check_load
-    from t2i_distill.models.time_scale import STOCK_TIME_SCALE
-
-    student_kind, teacher_kind = MODEL_KINDS[args.method]
-    common = {"checkpoint": args.rescaled_checkpoint_path, "accepted_kinds": ("flow",), "time_scale": args.time_scale,
-              "revision": args.revision, "cache_dir": args.cache_dir, "flags": _model_flags(args)}
-    check = check_load(args.pretrained_model_name_or_path, kind=teacher_kind, **common)
-    if args.method == "rescale":
-        if check.time_scale != STOCK_TIME_SCALE:
-            from t2i_distill.errors import ConfigurationError
-
-            raise ConfigurationError(f"--pretrained_model_name_or_path: rescale distils the stock ×1000 FLUX "
-                                     f"transformer into a ×1 copy, but {check.time_scale_why}; it is already "
-                                     f"×{check.time_scale:g}")
-        return check.time_scale
-    check_load(args.pretrained_model_name_or_path, kind=student_kind, **common)
-    return check.time_scale
 
 
 def load_models(args, device: torch.device, teacher_dtype: torch.dtype):
