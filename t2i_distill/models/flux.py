@@ -100,30 +100,24 @@ class FluxStudent(FluxTransformer2DModel):
         ``dtype`` is the hidden states' dtype (time inputs are cast to it before scaling, as in the reference).
         """
         dtype = pooled_projections.dtype if dtype is None else dtype
+        self._check_time_inputs(guidance, timestep2)
         if self.config.get("time_embedding_fp32", False):
             return self._conditioning_fp32(timestep, pooled_projections, guidance, timestep2)
         scale = self.config.time_scale
         timestep = timestep.to(dtype) * scale
         if self.config.guidance_embeds:
-            if guidance is None:
-                raise ValueError("`guidance`: this model embeds guidance (guidance_embeds=True); got None")
             temb = self.time_text_embed(timestep, guidance.to(dtype) * scale, pooled_projections)
         else:
             temb = self.time_text_embed(timestep, pooled_projections)
         if self.config.dual_timestep:
-            if timestep2 is None:
-                raise ValueError("`timestep2`: this MeanFlow student (dual_timestep=True) needs t - r; got None")
             proj2 = self.time_proj2(timestep2.to(dtype) * scale)
             temb = temb + self.timestep_embedder2(proj2.to(dtype=pooled_projections.dtype))
-        elif timestep2 is not None:
-            raise ValueError("`timestep2` was given but this model has no second embedder (dual_timestep=False)")
         return temb
 
     def _conditioning_fp32(self, timestep, pooled_projections, guidance, timestep2) -> torch.Tensor:
         """:meth:`conditioning` with the time/guidance path in float32 (autocast off); the sum is cast back to the
         pooled embedding's dtype, where the AdaLN layers read it. The pooled-text projection stays in the model dtype
-        (it carries no time and no tangent)."""
-        self._check_time_inputs(guidance, timestep2)
+        (it carries no time and no tangent). Inputs already checked by :meth:`conditioning`."""
         scale = float(self.config.time_scale)
         embed = self.time_text_embed
         with torch.autocast(device_type=timestep.device.type, enabled=False):
@@ -136,6 +130,7 @@ class FluxStudent(FluxTransformer2DModel):
         return (temb + pooled.float()).to(pooled.dtype)
 
     def _check_time_inputs(self, guidance, timestep2) -> None:
+        """The time inputs this model's config needs: guidance with guidance embeds, t − r exactly when dual."""
         if self.config.guidance_embeds and guidance is None:
             raise ValueError("`guidance`: this model embeds guidance (guidance_embeds=True); got None")
         if self.config.dual_timestep and timestep2 is None:

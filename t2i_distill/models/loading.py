@@ -50,7 +50,7 @@ from t2i_distill.models.checkpoint_files import (
 from t2i_distill.models.flux import FluxStudent
 from t2i_distill.models.time_scale import (
     RESCALED_TIME_SCALE,
-    folder_time_scale,
+    config_time_scale,
     format_scale,
     read_transformer_config,
     resolve_time_scale,
@@ -185,7 +185,7 @@ def check_load(
              "time_scale": "--time_scale", "kind": f"a {kind} model", **(flags or {})}
     name = os.fspath(pretrained_model_name_or_path)
     config = read_transformer_config(name, subfolder, revision, cache_dir, flag=names["pretrained"])
-    folder = folder_time_scale(name, subfolder, revision, cache_dir, flag=names["pretrained"])
+    folder = config_time_scale(config, f"{names['pretrained']} {name!r}")
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint, tensors=False)
     problems = []
@@ -195,13 +195,13 @@ def check_load(
             f"{names['checkpoint']} {checkpoint.source!r} is {describe_kind(checkpoint.kind)}, but {names['kind']} "
             f"needs {' or '.join(describe_kind(k) for k in accepted)}"
         )
+    weights = weights_time_scale(folder, checkpoint)
     try:
-        scale = resolve_time_scale(time_scale, weights_time_scale(folder, checkpoint), flag=names["time_scale"],
-                                   checkpoint_flag=names["checkpoint"])
+        scale = resolve_time_scale(time_scale, weights, flag=names["time_scale"], checkpoint_flag=names["checkpoint"])
     except ValueError as error:
         problems.append(str(error))
         scale = float(time_scale)
-    why = weights_time_scale(folder, checkpoint)[1]
+    why = weights[1]
 
     cls, overrides = KINDS[kind]
     model_config = {k: v for k, v in config.items() if not k.startswith("_")}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from t2i_distill.errors import ConfigurationError
 
-__all__ = ["RESCALED_TIME_SCALE", "STOCK_TIME_SCALE", "TimeScaleError", "folder_time_scale", "format_scale",
+__all__ = ["RESCALED_TIME_SCALE", "STOCK_TIME_SCALE", "TimeScaleError", "config_time_scale", "folder_time_scale",
+           "format_scale",
            "resolve_time_scale", "weights_time_scale"]
 
 STOCK_TIME_SCALE = 1000.0
@@ -42,7 +43,11 @@ def folder_time_scale(pretrained_model_name_or_path: str | os.PathLike, subfolde
                       flag: str = "--pretrained_model_name_or_path") -> tuple[float, str]:
     """``(scale, why)`` of the transformer in a diffusers FLUX folder or hub id, from its ``config.json`` alone."""
     config = read_transformer_config(pretrained_model_name_or_path, subfolder, revision, cache_dir, flag)
-    where = f"{flag} {os.fspath(pretrained_model_name_or_path)!r}"
+    return config_time_scale(config, f"{flag} {os.fspath(pretrained_model_name_or_path)!r}")
+
+
+def config_time_scale(config: dict, where: str) -> tuple[float, str]:
+    """``(scale, why)`` of a transformer ``config`` already read (``where`` names it in the explanation)."""
     if "time_scale" in config:
         return float(config["time_scale"]), f"{where}: its transformer config records time_scale {config['time_scale']}"
     return STOCK_TIME_SCALE, f"{where} is a stock diffusers FLUX transformer (its config has no time_scale): ×1000"

@@ -47,17 +47,17 @@ def check_pipeline(method: str, pretrained_model_name_or_path: str | os.PathLike
     """
     from t2i_distill.models.checkpoint_files import describe_kind, read_checkpoint
     from t2i_distill.models.loading import check_load
-    from t2i_distill.models.time_scale import STOCK_TIME_SCALE, folder_time_scale, read_transformer_config
+    from t2i_distill.models.time_scale import STOCK_TIME_SCALE, config_time_scale, read_transformer_config
 
     if method not in METHODS:
         raise ValueError(f"`method`: expected one of {METHODS}, got {method!r}")
     kind = _STUDENT_KIND[method]
     path = os.fspath(pretrained_model_name_or_path)
     flags = {**_FLAGS, "kind": f"--method {method}"}
-    read_transformer_config(path, revision=revision)  # a folder that does not exist is named first
+    config = read_transformer_config(path, revision=revision)  # a folder that does not exist is named first
     if student_checkpoint is None:
         if method == "teacher":
-            if folder_time_scale(path, revision=revision)[0] == STOCK_TIME_SCALE:
+            if config_time_scale(config, repr(path))[0] == STOCK_TIME_SCALE:
                 return None
         else:  # the folder itself must hold this sampler's student
             local = os.path.join(path, "transformer")

@@ -47,13 +47,6 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default=None,
@@ -81,20 +74,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train_data_dir", default=None, help="a local imagefolder (metadata.jsonl/.csv captions)")
     g.add_argument("--image_column", default="image")
     g.add_argument("--caption_column", default="text", help="caption column (the reference's data: 'llava')")
-    g.add_argument("--max_train_samples", type=_positive_int, default=None)
+    g.add_argument("--max_train_samples", type=positive_int, default=None)
     g.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
     g.add_argument("--cached_dataset", default=None,
                    help="a cache written by `t2i-distill cache`: no text encoder or VAE is loaded")
-    g.add_argument("--resolution", type=_positive_int, default=512)
-    g.add_argument("--max_sequence_length", type=_positive_int, default=256, help="T5 tokens")
+    g.add_argument("--resolution", type=positive_int, default=512)
+    g.add_argument("--max_sequence_length", type=positive_int, default=256, help="T5 tokens")
     g.add_argument("--dataloader_num_workers", type=nonnegative_int, default=0)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=_positive_int, default=4, help="micro-batch per process")
-    g.add_argument("--num_train_epochs", type=_positive_int, default=1)
-    g.add_argument("--max_train_steps", type=_positive_int, default=None,
+    g.add_argument("--train_batch_size", type=positive_int, default=4, help="micro-batch per process")
+    g.add_argument("--num_train_epochs", type=positive_int, default=1)
+    g.add_argument("--max_train_steps", type=positive_int, default=None,
                    help="optimizer steps (overrides --num_train_epochs)")
-    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each block in the backward, in every --jvp mode (never switched on unless asked, "
                         "unlike B4)")
@@ -148,8 +141,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", default="t2i-distill-output")
-    g.add_argument("--checkpointing_steps", type=_positive_int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=None)
+    g.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start from step 0 in an --output_dir that holds an earlier run's checkpoints, removing them "
@@ -163,12 +156,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     g.add_argument("--tracker_project_name", default=None)
     g.add_argument("--validation_prompts", "--validation_prompt", dest="validation_prompts", nargs="+", default=None)
-    g.add_argument("--num_validation_images", type=_positive_int, default=1, help="images per prompt")
-    g.add_argument("--validation_steps", type=_positive_int, default=500)
-    g.add_argument("--validation_inference_steps", type=_positive_int, nargs="+", default=[1, 2, 4])
+    g.add_argument("--num_validation_images", type=positive_int, default=1, help="images per prompt")
+    g.add_argument("--validation_steps", type=positive_int, default=500)
+    g.add_argument("--validation_inference_steps", type=positive_int, nargs="+", default=[1, 2, 4])
     g.add_argument("--validation_guidance_scale", type=nonnegative_float, default=None,
                    help="default: the first training guidance value")
-    g.add_argument("--max_nonfinite_steps", type=_positive_int, default=10,
+    g.add_argument("--max_nonfinite_steps", type=positive_int, default=10,
                    help="stop after this many consecutive steps with a NaN/inf loss (each is skipped and counted)")
     g.add_argument("--min_free_disk_gb", type=nonnegative_float, default=1.0,
                    help="refuse to start when --output_dir has less free space")
@@ -238,9 +231,9 @@ def _add_rescale(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedder_init", default="frequency_map", choices=EMBEDDER_INITS,
                    help="student time/guidance embedders: remap the ×1000 sinusoid columns to ×1 (frequency_map) or "
                         "keep the teacher's (copy) (default: %(default)s)")
-    g.add_argument("--rescale_gap_batches", type=_positive_int, default=2,
+    g.add_argument("--rescale_gap_batches", type=positive_int, default=2,
                    help="fixed evaluation batches of the rescale gap (default: %(default)s)")
-    g.add_argument("--rescale_gap_buckets", type=_positive_int, default=4,
+    g.add_argument("--rescale_gap_buckets", type=positive_int, default=4,
                    help="time buckets of the rescale gap (default: %(default)s)")
 
 

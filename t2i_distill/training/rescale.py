@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -146,14 +147,12 @@ def write_rescaled_outputs(state_dict: dict[str, torch.Tensor], config: dict, ou
     """Write ``<output_dir>/rescaled/`` (a pipeline folder around the ×1 transformer) and
     ``<output_dir>/rescaled_transformer.pt``; each written under a temporary name and renamed. Returns the paths."""
     from t2i_distill.models.checkpoint_files import metadata_for
-    from t2i_distill.training.checkpoint import _fsync_dir, _safetensors_save, _torch_save
+    from t2i_distill.training.checkpoint import _safetensors_save, export_student
 
     out = Path(output_dir)
     stock = _pipeline_root(pretrained_model_name_or_path, revision, cache_dir)
     tmp = out / ".tmp-rescaled"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     (tmp / "transformer").mkdir(parents=True)
     transformer_config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -173,13 +172,9 @@ def write_rescaled_outputs(state_dict: dict[str, torch.Tensor], config: dict, ou
          "teacher_time_scale": 1000.0, "time_scale": 1.0}, indent=2), encoding="utf-8")
     final = out / "rescaled"
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pt_tmp = out / ".tmp-rescaled_transformer.pt"
-    _torch_save({"module": {k: v.detach().to("cpu") for k, v in state_dict.items()},
-                 "t2i_distill": {"kind": "flow", "time_scale": 1.0, "step": step}}, pt_tmp)
-    os.replace(pt_tmp, out / "rescaled_transformer.pt")
-    _fsync_dir(out)
-    return {"folder": str(final), "pt": str(out / "rescaled_transformer.pt")}
+    # The reference's format, written like every export (temporary name, fsync, rename; kind and scale recorded).
+    (pt,) = export_student(state_dict, out / "rescaled_transformer.pt", step, formats=("pt",),
+                           metadata=metadata_for("flow", 1.0))
+    return {"folder": str(final), "pt": str(pt)}

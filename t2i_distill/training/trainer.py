@@ -355,9 +355,10 @@ def train(args, on_finish=None) -> dict:
             if ema is not None and extra.get("ema") is not None:
                 ema.load_state_dict(extra["ema"])
             logger.info("resumed from %s at step %d", path, global_step)
-            if missing_exports(args, global_step):  # e.g. a disk that filled up while exporting: write them again
+            missing = missing_exports(args, global_step)
+            if missing:  # e.g. a disk that filled up while exporting: write them again
                 logger.warning("step %d's exports are missing (%s); writing them from the checkpoint", global_step,
-                               ", ".join(p.name for p in missing_exports(args, global_step)))
+                               ", ".join(p.name for p in missing))
                 export_step(args, engine, ema, global_step, MODEL_KINDS)
 
     trackers = Trackers(args, engine.is_main, {k: v for k, v in vars(args).items()

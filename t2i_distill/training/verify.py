@@ -38,14 +38,20 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def manifest_entries(folder: str | os.PathLike, files: list[str]) -> dict[str, dict]:
-    """``{relative path: {"size", "blake2b"}}`` for ``files`` under ``folder``."""
+def _digests(folder: Path, names: list[str]) -> dict[str, str]:
+    """``{name: BLAKE2b}``, one thread per file (hashlib releases the GIL): shards and optimizer files in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda name: file_digest(folder / name), names)))
+
+
+def manifest_entries(folder: str | os.PathLike, files: list[str]) -> dict[str, dict]:
+    """``{relative path: {"size", "blake2b"}}`` for ``files`` under ``folder``."""
     folder = Path(folder)
-    # One thread per file (hashlib releases the GIL): per-rank shards and optimizer files hash in parallel.
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
-        digests = dict(zip(files, pool.map(lambda name: file_digest(folder / name), files)))
+    digests = _digests(folder, files)
     return {name: {"size": (folder / name).stat().st_size, "blake2b": digests[name]} for name in files}
 
 
@@ -78,14 +84,9 @@ def verify_checkpoint(path: str | os.PathLike, *, hashes: bool = True) -> list[s
             problems.append(f"{file}: {size} bytes, the manifest recorded {record['size']} (truncated or replaced)")
         elif hashes:
             to_hash.append(name)
-    if to_hash:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(to_hash)))) as pool:
-            for name, digest in zip(to_hash, pool.map(lambda n: file_digest(path / n), to_hash)):
-                if digest != records[name]["blake2b"]:
-                    problems.append(f"{path / name}: its content hash differs from the manifest's (corrupted or "
-                                    "modified)")
+    for name, digest in _digests(path, to_hash).items():
+        if digest != records[name]["blake2b"]:
+            problems.append(f"{path / name}: its content hash differs from the manifest's (corrupted or modified)")
     for name in ("engine.json",):
         file = path / name
         if file.is_file() and not problems:
