@@ -129,10 +129,10 @@ def resolve_jvp(args: argparse.Namespace, cuda: bool) -> str | None:
         if not cuda:
             args.jvp = "reference"
             return ("--jvp auto: reference (no GPU: the Triton kernels would run in the CPU interpreter, a correctness "
-                    "tool ~20-50× slower than math attention here)")
+                    "tool, far slower than math attention at real sizes)")
         args.jvp = "dual"
         return "--jvp auto: dual (CUDA: one fused primal + tangent pass)"
     if not cuda and args.jvp in ("dual", "func"):
-        return (f"--jvp {args.jvp} on a CPU runs the Triton kernels in the interpreter: correct but ~20-50× slower "
-                "than --jvp reference (use it for parity checks, not for training speed)")
+        return (f"--jvp {args.jvp} on a CPU runs the Triton kernels in the interpreter: correct but far slower than "
+                "--jvp reference at real sizes (use it for parity checks, not for training speed)")
     return None
