@@ -30,6 +30,8 @@ EXTRAS_REQUIRE = {
     # tests/test_coexistence.py proves our layer (`t2i_kernels`) and diffusers' FLUX work beside it.
     "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-benchmark>=5.0", "ruff>=0.6", "matplotlib>=3.8", "peft>=0.13",
             "kernels>=0.19"],
+    # lora: LoRA students (train --lora_rank); `dev` has peft too, so constraints.txt pins it (scripts/lock.sh).
+    "lora": ["peft>=0.13"],
     "wandb": ["wandb>=0.17"],
     "prodigy": ["prodigyopt>=1.0"],
     "bench": ["pytest-benchmark>=5.0", "matplotlib>=3.8"],

@@ -233,6 +233,10 @@ def check_load(
                 parts.append(f"{len(unexpected)} unexpected (e.g. {_examples(unexpected)})")
             if shapes:
                 parts.append(f"{len(shapes)} with another shape ({_examples(shapes, 3)})")
+            if any(".lora_A." in k for k in unexpected):  # an adapter export of a LoRA run, not a student
+                parts.append("it is a LoRA adapter (adapter_<step>.safetensors): give the merged "
+                             "transformer_<step>.safetensors written beside it, or put it onto a base student with "
+                             "t2i_distill.training.lora.load_lora_adapter")
             extras = ", ".join(f"{e}*" for e in EXTRAS[kind]) or "none"
             problems.append("; ".join(parts) + f"; only the documented extras may be absent ({extras}), nothing may "
                             "be unexpected, and nothing was loaded")

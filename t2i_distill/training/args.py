@@ -212,6 +212,22 @@ def _add_meanflow(p: argparse.ArgumentParser) -> None:
                    help="non-CFG JVP tangent: the teacher velocity, or ε − x0 as the reference (B2)")
 
 
+def _add_lora(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA student (peft, the lora extra; README: LoRA students)")
+    g.add_argument("--lora_rank", type=nonnegative_int, default=0,
+                   help="0: train every student weight; r > 0: freeze them and train a rank-r LoRA adapter on "
+                        "--lora_target_modules, sCM's logvar_linear / MeanFlow's timestep_embedder2 in full. The "
+                        "transformer exports then hold the merged weights, adapter_<step>.safetensors the adapter")
+    g.add_argument("--lora_alpha", type=positive_float, default=None,
+                   help="the adapter's output is scaled by alpha/rank (None: the rank, a scale of 1)")
+    g.add_argument("--lora_target_modules", nargs="+", default=None,
+                   help="linear layers to adapt, by name or last dotted parts, as peft matches them (None: the "
+                        "attention and feed-forward linears of both block kinds, t2i_distill.training.lora."
+                        "DEFAULT_LORA_TARGETS)")
+    g.add_argument("--lora_dropout", type=unit_interval, default=0.0,
+                   help="dropout on the adapter's input (not with --jvp fd, whose two forwards would draw two masks)")
+
+
 def _add_rescale(p: argparse.ArgumentParser) -> None:
     from t2i_distill.losses.rescale import RESCALE_TIME_SAMPLERS
     from t2i_distill.training.rescale import EMBEDDER_INITS
@@ -305,6 +321,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                                        "reachable: docs/reference-bugs.md")
     _add_common(p)
     {"scm": _add_scm, "meanflow": _add_meanflow, "rescale": _add_rescale}[method](p)
+    if method != "rescale":  # rescale trains the whole ×1 copy: its time embedders must change everywhere
+        _add_lora(p)
     for action in p._actions:
         if action.help is None:
             action.help = _MORE_HELP.get(action.dest)
@@ -409,6 +427,10 @@ def parse_args(method: str, argv: list[str] | None = None, check_files: bool = F
             check_models(args)
         except ConfigurationError as error:
             problems.append(str(error))
+        if getattr(args, "lora_rank", 0):
+            from t2i_distill.training.lora import check_lora_targets
+
+            problems += check_lora_targets(args)
     if problems:
         parser.error(problems[0] if len(problems) == 1 else
                      f"{len(problems)} problems:\n" + "\n".join(f"  - {problem}" for problem in problems))
@@ -477,8 +499,27 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             problems.append(f"--output_dir {args.output_dir!r} holds an earlier run ({shown}); continue it with "
                             "--resume_from_checkpoint latest, or start over with --overwrite_output_dir (which "
                             "removes those), or choose another --output_dir")
+    problems += _lora_problems(args)
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         problems.append("--resume_from_checkpoint and --overwrite_output_dir contradict each other; give one")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither 'latest' nor a folder")
     return problems
+
+
+def _lora_problems(args: argparse.Namespace) -> list[str]:
+    """LoRA flags without ``--lora_rank``, and adapter dropout where the tangent would not be a derivative."""
+    if not hasattr(args, "lora_rank"):  # rescale has no LoRA flags
+        return []
+    if isinstance(args.lora_target_modules, str):  # a --config file's `lora_target_modules: to_q to_k`
+        args.lora_target_modules = args.lora_target_modules.split()
+    if not args.lora_rank:
+        given = [f"--{name}" for name in ("lora_alpha", "lora_target_modules") if getattr(args, name) is not None]
+        given += ["--lora_dropout"] if args.lora_dropout else []
+        return [f"{', '.join(given)} configure(s) a LoRA adapter, but --lora_rank is 0 (full fine-tuning): give "
+                "--lora_rank N with N >= 1, or drop them"] if given else []
+    if args.lora_dropout and args.jvp == "fd":
+        return [f"--lora_dropout {args.lora_dropout:g} with --jvp fd: the finite difference's two forwards would draw "
+                "two dropout masks, so their difference is mask noise / --fd_epsilon, not a tangent; use "
+                "--lora_dropout 0, or --jvp dual, func or reference (each takes the tangent of one pass, one mask)"]
+    return []

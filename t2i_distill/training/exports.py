@@ -2,10 +2,12 @@
 
 A step's exports (``transformer_<step>.safetensors``; with ``--save_pt`` the ``.pt``; with an EMA its
 ``_ema.safetensors``; with ``--export_layout reference`` ``ckpts/transformer_<step>.pt``; for ``rescale``'s last step
-the ×1 folder and ``.pt``) are written *before* the step's checkpoint becomes visible, each atomically (temporary name,
-fsync, rename). So a crash before the checkpoint's rename redoes the step and its exports; a crash after it finds
-them written. A checkpoint whose exports are missing anyway (a folder copied without them, a disk that filled up) has
-them written again on resume, from the restored weights (:func:`missing_exports`).
+the ×1 folder and ``.pt``; for a LoRA student ``adapter_<step>.safetensors`` and, with the EMA exported,
+``adapter_<step>_ema.safetensors``, its transformer exports holding the merged weights) are written *before* the
+step's checkpoint becomes visible, each atomically (temporary name, fsync, rename). So a crash before the checkpoint's
+rename redoes the step and its exports; a crash after it finds them written. A checkpoint whose exports are missing
+anyway (a folder copied without them, a disk that filled up) has them written again on resume, from the restored
+weights (:func:`missing_exports`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def expected_exports(args, step: int) -> list[Path]:
         files.append(out / "ckpts" / f"transformer_{step}.pt")
     if args.method == "rescale" and step == args.max_train_steps:
         files += [out / "rescaled" / "transformer" / "config.json", out / "rescaled_transformer.pt"]
+    if getattr(args, "lora_rank", 0):  # a LoRA student's adapter beside each transformer export
+        files.append(out / f"adapter_{step}.safetensors")
+        if out / f"transformer_{step}_ema.safetensors" in files:
+            files.append(out / f"adapter_{step}_ema.safetensors")
     return files
 
 
@@ -49,15 +55,15 @@ def export_step(args, engine, ema, step: int, model_kinds: dict) -> None:
     if not engine.is_main:
         return
     out = Path(args.output_dir)
-    student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     core = engine.unwrapped.student
     metadata = metadata_for(model_kinds[args.method][0], core.config.time_scale)
+    student_state = _student_state(state, core, out / f"adapter_{step}.safetensors", step, metadata)
     export_student(student_state, out, step, formats=("safetensors", "pt") if args.save_pt else ("safetensors",),
                    metadata=metadata)
     if ema_state is not None:
-        ema_student = {k.removeprefix("student."): v for k, v in ema_state.items() if k.startswith("student.")}
-        export_student(ema_student, out / f"transformer_{step}_ema.safetensors", step,
-                       metadata={**metadata, "t2i_distill.weights": f"ema (decay {args.ema_decay})"})
+        ema_metadata = {**metadata, "t2i_distill.weights": f"ema (decay {args.ema_decay})"}
+        ema_student = _student_state(ema_state, core, out / f"adapter_{step}_ema.safetensors", step, ema_metadata)
+        export_student(ema_student, out / f"transformer_{step}_ema.safetensors", step, metadata=ema_metadata)
     if getattr(args, "export_layout", "ours") == "reference":  # where the reference's GenEval scripts read
         export_student(student_state, out / "ckpts", step, formats=("pt",), metadata=metadata)
     if args.method == "rescale" and step == args.max_train_steps:
@@ -70,6 +76,24 @@ def export_step(args, engine, ema, step: int, model_kinds: dict) -> None:
     from t2i_distill.training.faults import crash_point
 
     crash_point("exported", step)
+
+
+def _student_state(state: dict, core, adapter_path: Path, step: int, metadata: dict) -> dict:
+    """The student's part of the engine's export state; for a LoRA student its adapter is written to
+    ``adapter_path`` first and the merged weights returned (training/lora.py), so every other export is a plain
+    student that loads strictly."""
+    import json
+
+    from t2i_distill.training.checkpoint import export_student
+    from t2i_distill.training.lora import META_LORA, adapter_state_dict, is_lora, lora_settings, merged_state_dict
+
+    student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+    if not is_lora(core):
+        return student
+    settings = lora_settings(core)
+    export_student(adapter_state_dict(student, settings), adapter_path, step,
+                   metadata={**metadata, META_LORA: json.dumps(settings, sort_keys=True)})
+    return merged_state_dict(student, settings)
 
 
 def clean_stale_temporaries(output_dir) -> list[Path]:

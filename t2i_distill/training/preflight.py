@@ -110,6 +110,8 @@ def missing_packages(args: argparse.Namespace, backend: str) -> list[str]:
         needs.append(("deepspeed", "--backend deepspeed / --deepspeed_config", 'pip install "t2i-distill[deepspeed]"'))
     if args.optimizer == "prodigy":
         needs.append(("prodigyopt", "--optimizer prodigy", 'pip install "t2i-distill[prodigy]"'))
+    if getattr(args, "lora_rank", 0):
+        needs.append(("peft", f"--lora_rank {args.lora_rank}", 'pip install "t2i-distill[lora]"'))
     if args.report_to in ("wandb", "all"):
         needs.append(("wandb", f"--report_to {args.report_to}", 'pip install "t2i-distill[wandb]"'))
     if args.report_to in ("tensorboard", "all"):

@@ -22,8 +22,8 @@ __all__ = ["existing_run_outputs", "run_record", "write_run_record"]
 
 _PACKAGES = ("t2i-distill", "torch", "triton", "diffusers", "transformers", "accelerate", "deepspeed", "peft",
              "safetensors", "datasets", "kernels")
-_OUTPUT_PATTERNS = (r"checkpoint-\d+", r"transformer_\d+(_ema)?\.(safetensors|pt)", r"rescale_gap\.json",
-                    r"rescaled_transformer\.pt", r"rescaled", r"ckpts")
+_OUTPUT_PATTERNS = (r"checkpoint-\d+", r"transformer_\d+(_ema)?\.(safetensors|pt)", r"adapter_\d+(_ema)?\.safetensors",
+                    r"rescale_gap\.json", r"rescaled_transformer\.pt", r"rescaled", r"ckpts")
 
 
 def _git_commit() -> dict:

@@ -141,9 +141,19 @@ def load_models(args, device: torch.device, teacher_dtype: torch.dtype):
 
 
 def prepare_student(student, args) -> None:
-    """Kernels for the JVP modes that use them; gradient checkpointing only when asked (never behind one's back)."""
+    """The LoRA adapter (``--lora_rank``), then kernels for the JVP modes that use them; gradient checkpointing only
+    when asked (never behind one's back)."""
     from t2i_distill import apply_kernels_to_flux
 
+    if getattr(args, "lora_rank", 0):  # before the kernels: patching swaps block classes, the linears stay peft's
+        from t2i_distill.training.lora import apply_lora
+
+        heads = apply_lora(student, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout)
+        trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in student.parameters())
+        logger.info("LoRA student: rank %d, alpha %g; %d of %d parameters trained (%.2f%%), in full: %s",
+                    args.lora_rank, args.lora_alpha or args.lora_rank, trained, total, 100 * trained / total,
+                    ", ".join(heads) or "none")
     # fd runs plain forwards: on the kernels where they are fast (CUDA), on diffusers' attention on a CPU.
     if args.jvp in ("dual", "func") or (args.jvp == "fd" and torch.cuda.is_available() and not args.cpu):
         apply_kernels_to_flux(student)
@@ -334,7 +344,7 @@ def train(args, on_finish=None) -> dict:
     from t2i_distill.training.exports import clean_stale_temporaries, export_step, missing_exports
 
     checkpoints = CheckpointManager(args.output_dir, total_limit=args.checkpoints_total_limit,
-                                    identity={"method": args.method})
+                                    identity={"method": args.method, "lora": _lora_identity(args)})
     if engine.is_main:
         for stale in clean_stale_temporaries(args.output_dir):
             logger.info("removed %s, left by an interrupted export", stale)
@@ -493,6 +503,18 @@ def _gap_batches(args, data, text_encoders, vae, seed: int) -> list[dict]:
             if len(batches) == args.rescale_gap_batches:
                 break
     return batches
+
+
+def _lora_identity(args) -> str:
+    """The adapter a checkpoint's model holds, recorded in its manifest: a resume with other LoRA flags is refused by
+    name instead of failing on the state dict's keys."""
+    if not getattr(args, "lora_rank", 0):
+        return "off (full fine-tuning)"
+    from t2i_distill.training.lora import DEFAULT_LORA_TARGETS
+
+    targets = args.lora_target_modules or DEFAULT_LORA_TARGETS
+    return (f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank:g}, dropout {args.lora_dropout:g}, "
+            f"targets {','.join(sorted(targets))}")
 
 
 def _progress(enabled: bool, initial: int, total: int):
