@@ -6,6 +6,7 @@
 ``t2i-distill steps`` student-step benchmarks (reference vs patched vs dual) at a chosen width, depth, resolution.
 ``t2i-distill train scm|meanflow``  distillation (flags: ``t2i-distill train scm --help``).
 ``t2i-distill rescale`` the paper's ×1 teacher from the stock ×1000 FLUX (flags: ``t2i-distill rescale --help``).
+``t2i-distill plan``  a training step's GPU memory per rank and FLOPs, measured on fake tensors (``--fit GIB``).
 ``t2i-distill verify-checkpoint PATH``  check a checkpoint's files against its manifest (sizes, BLAKE2b hashes).
 ``t2i-distill tiny``  write a tiny random FLUX pipeline folder that diffusers loads offline (tests, demo, examples).
 """
@@ -132,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     from t2i_distill.demo import run as demo_run
     from t2i_distill.demo import teacher as demo_teacher
     from t2i_distill.eval import add_subparsers as add_eval_subparsers
+    from t2i_distill.planning import cli as plan_cli
 
     demo_run.add_subparser(sub)        # demo: the end-to-end distillation on a shipped tiny teacher
     demo_teacher.add_subparser(sub)    # demo-teacher: regenerate that teacher from its seed
     tiny_pipeline.add_subparser(sub)   # tiny: a random tiny FLUX folder
     cache_cli.add_subparser(sub)       # cache: encode a dataset once
+    plan_cli.add_subparser(sub)        # plan: a training step's GPU memory and FLOPs, on fake tensors
     add_eval_subparsers(sub)           # sample, geneval, score, shapes
     return parser
 
@@ -144,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Commands that launch Triton kernels (the trainer's --jvp dual|func, the demo's dual spot check, the reports).
 _KERNEL_COMMANDS = ("parity", "steps", "train", "rescale", "demo")
 #: `env` reports what those commands will do, so it switches the interpreter on the same way (without the banner).
-_REPORTING_COMMANDS = ("env",)
+_REPORTING_COMMANDS = ("env", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:

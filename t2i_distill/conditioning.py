@@ -76,10 +76,11 @@ def latent_image_ids(latent_h: int, latent_w: int, device: torch.device | str = 
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Image position ids (0, row, col) of the packed token grid of a ``latent_h × latent_w`` latent: (h/2·w/2, 3)."""
     rows, cols = latent_h // 2, latent_w // 2
-    ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
-    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
-    return ids.reshape(rows * cols, 3)
+    # Built by stacking, not by item assignment: `t2i-distill plan` runs this on fake CUDA tensors, where indexed
+    # assignment needs a CUDA device guard that a CPU-only torch does not have.
+    row = torch.arange(rows, device=device, dtype=dtype)[:, None].expand(rows, cols)
+    col = torch.arange(cols, device=device, dtype=dtype)[None, :].expand(rows, cols)
+    return torch.stack([torch.zeros_like(row), row, col], dim=-1).reshape(rows * cols, 3)
 
 
 def text_ids(num_tokens: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -249,12 +249,26 @@ class AttentionJVPFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------------------------
+def _autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under ``torch.autocast`` attention runs in the autocast dtype, as SDPA does (a "lower precision" op there).
+
+    Why: with fp32 master weights under bf16 autocast (the trainer's ``single``/``ddp`` mixed precision), the
+    projections come out bf16 but FLUX's RMSNorm with an fp32 weight returns fp32, so q and k arrive fp32 and v bf16.
+    SDPA casts all three to bf16 under autocast; this kernel takes one dtype per call, so it casts the same way."""
+    ref = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if ref is None or ref.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(ref.device.type):
+        return tensors  # (bad inputs are named by the checks that follow)
+    dtype = torch.get_autocast_dtype(ref.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Flash attention ``softmax(q·kᵀ·scale)·v`` for q (B, H, Nq, D), k and v (B, H, Nk, D).
 
     Differentiable (Triton FA2 backward) and forward-differentiable (Triton tangent kernel reusing the saved LSE),
     including inside ``torch.func.jvp``. Returns (B, H, Nq, D) in (B, Nq, H, D) memory.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _check_attention_inputs("attention", q, k, v, scale=scale)
     return AttentionFunction.apply(q, k, v, _scale_of(q, scale), False)[0]
 
@@ -274,6 +288,7 @@ def attention_jvp(
     Returns ``(o, to)`` or ``(o, to, lse)``. ``o`` carries gradients to q, k, v; ``to`` and ``lse`` are
     non-differentiable. A tangent given as ``None`` counts as zero.
     """
+    q, k, v, tq, tk, tv = _autocast_inputs(q, k, v, tq, tk, tv)
     _check_attention_inputs("attention_jvp", q, k, v, tq, tk, tv, scale=scale)
     o, to, lse = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, _scale_of(q, scale), False)
     return (o, to, lse) if return_lse else (o, to)

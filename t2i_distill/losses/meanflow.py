@@ -143,12 +143,13 @@ def meanflow_loss(
         v_teacher = teacher(hidden_states=z_t, timestep=t, return_dict=False, **kwargs)[0]
 
     cfg_mask = (t >= config.cfg_min_t) & (t <= config.cfg_max_t) & ~dropped
-    use_cfg = config.use_cfg_meanflow and bool(cfg_mask.any())
+    split = cfg_groups(cfg_mask) if config.use_cfg_meanflow else None
+    use_cfg = split is not None
     tangent = (v_teacher if config.tangent == "teacher" else v_t).clone()
     velocity = v_teacher.clone()  # the target's velocity term: ṽ on the CFG subset, v_T elsewhere
     groups: list[torch.Tensor | None] = [None]
     if use_cfg:
-        cfg_idx, rest_idx = torch.where(cfg_mask)[0], torch.where(~cfg_mask)[0]
+        cfg_idx, rest_idx = split
         groups = [cfg_idx, rest_idx]
         with phases("cfg"), torch.no_grad(), no_grad_attention(mode):
             v_tilde = _cfg_velocity(core, config, cfg_idx, z_t, t, time_diff, v_teacher, prompt_embeds, pooled,
@@ -186,6 +187,14 @@ def meanflow_loss(
         cfg_fraction = cfg_mask.float().mean() if use_cfg else torch.zeros((), device=device)
         logs = {"loss": loss.detach(), "loss_mean_ref": loss_mean_ref.detach(), "cfg_fraction": cfg_fraction}
     return loss, logs
+
+
+def cfg_groups(cfg_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(indices in C, the others)``, or None when C is empty. The one data-dependent decision of the loss: under fake
+    tensors (``t2i-distill plan``) it is replaced by its worst case for memory, the whole batch in C."""
+    if not bool(cfg_mask.any()):
+        return None
+    return torch.where(cfg_mask)[0], torch.where(~cfg_mask)[0]
 
 
 def _cfg_velocity(core, config, idx, z_t, t, time_diff, v_teacher, prompt_embeds, pooled, null_embeds, null_pooled,
