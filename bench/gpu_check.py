@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             notes.append(f"student steps skipped: {type(exc).__name__}: {exc}")
 
+    memory = []
+    if not args.skip_steps:
+        try:
+            memory = memory_rows(cuda)
+        except Exception as exc:
+            notes.append(f"plan check skipped: {type(exc).__name__}: {exc}")
+
     gluon_parity, gluon_timings = [], []
     if cuda and args.gluon_timeout > 0:
         gluon_parity, gluon_timings, gluon_notes = gluon_rows(args.quick, args.gluon_timeout)
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "git_sha": _git_sha(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dtype": str(dtype),
         "installed_wheels": INSTALLED_WHEELS, "copy_bandwidth_gbps": bandwidth, "wall_s": time.time() - started,
         "parity": parity, "timings": timings, "steps": steps, "headline": headline, "notes": notes,
+        "plan_vs_cuda_memory": memory,
         "autotune": autotune_choices(),
         # The opt-in Gluon kernel (never run on a GPU before): its rows apart, so it cannot fail the main verdict.
         "gluon": {"parity": gluon_parity, "timings": gluon_timings,
@@ -190,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     print(timing_table(timings + gluon_timings + steps, interpreted=not cuda))
     for note in notes:
         print(f"NOTE: {note}")
+    if memory:
+        print("\n== plan vs measured memory per phase (GiB)")
+        print(markdown_table(["jvp", "phase", "planned", "measured", "measured/planned"],
+                             [[r["jvp"], r["phase"], f"{r['planned_bytes'] / 2**30:.3f}",
+                               f"{r['measured_bytes'] / 2**30:.3f}", f"{r['ratio']:.3f}"] for r in memory]))
     print("\n== headline")
     print(markdown_table(["figure", "value", "target"], headline))
     print(f"\n{gpu}, torch {torch.__version__}, triton {triton.__version__}; {result['wall_s']:.0f} s; "
@@ -295,6 +308,32 @@ def autotune_choices() -> dict[str, dict[str, str]]:
             if isinstance(obj, Autotuner) and getattr(obj, "cache", None):
                 chosen[f"{module.__name__}.{name}"] = {str(key): str(cfg) for key, cfg in obj.cache.items()}
     return chosen
+
+
+def memory_rows(cuda: bool) -> list[dict[str, object]]:
+    """``t2i-distill plan``'s per-phase peak beside ``torch.cuda.max_memory_allocated`` of the same real step: a
+    lite-8B-wide FLUX with 2 double and 4 single blocks, sCM, 512 px, micro-batch 1, bf16 autocast over fp32 masters,
+    for each ``--jvp`` mode (the first lent GPU checks the planner's model)."""
+    from t2i_distill.planning.plan import load_config
+    from t2i_distill.planning.step import StepSetting, run_step
+
+    _, config = load_config("flux1-lite-8b")
+    config = {**config, "num_layers": 2, "num_single_layers": 4} if cuda else {
+        **load_config(str(HERE.parent / "t2i_distill" / "demo" / "teacher"))[1]}
+    rows = []
+    for jvp in ("dual", "func", "reference", "fd"):
+        setting = StepSetting(method="scm", jvp=jvp, resolution=512 if cuda else 64, max_sequence_length=256 if cuda
+                              else 8, mixed_precision="bf16" if cuda else "no", cuda=cuda)
+        planned = run_step(config, setting).ledger.phases
+        real = run_step(config, setting, fake=False, device="cuda" if cuda else "cpu").ledger.phases
+        for name, record in planned.items():
+            measured = real[name].cuda_peak_bytes if cuda else real[name].peak_bytes
+            rows.append({"jvp": jvp, "phase": name, "planned_bytes": record.peak_bytes, "measured_bytes": measured,
+                         "ratio": measured / record.peak_bytes if record.peak_bytes else None,
+                         "measured_by": "torch.cuda.max_memory_allocated" if cuda else "ledger on real CPU tensors"})
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
 
 
 def _git_sha() -> str:

@@ -4,9 +4,9 @@
     python bench/what_fits.py --resolution 1024 --out bench/results/what_fits-1024.committed.json
     python bench/what_fits.py --table bench/results/what_fits-*.committed.json   # the markdown table
 
-Per cell: the fastest fitting setting over the fast JVP modes (``dual``, ``fd``), LoRA off / rank 64, checkpointing
-off / on, the backends and the micro-batch (80 GiB, 8 % margin), and for contrast the ``reference`` mode's own
-fastest fitting setting. Every figure is a ``plan`` on fake tensors (measured bytes; the speed is an estimate).
+Rows: the settings in :data:`SETTINGS` (the fused ``dual`` mode and, for contrast, ``reference``; full fine-tuning and
+LoRA; checkpointing off/on), each a ``plan`` on fake tensors: measured bytes per GPU, and whether that fits 80 GiB with
+the 8 % margin; the speed is an estimate from FLOPs.
 """
 
 from __future__ import annotations
@@ -15,42 +15,51 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from t2i_distill.planning.fit import fit
-from t2i_distill.planning.plan import GIB, PlanSetting, load_config
+from t2i_distill.planning.fit import usable_bytes
+from t2i_distill.planning.plan import GIB, PlanSetting, load_config, plan
 from t2i_distill.planning.step import StepSetting
 
 LORA_RANK = 64
 
 
+#: The settings planned for the README (scm, FLUX.1-lite-8B, bf16, AdamW): (GPUs, backend, mode, checkpointing, LoRA
+#: rank, micro-batch). The exhaustive search is ``t2i-distill plan --fit 80`` (minutes per cell on 2 cores).
+SETTINGS = [
+    (1, "single", "dual", False, 0, 1), (1, "single", "dual", False, LORA_RANK, 1),
+    (1, "single", "dual", True, LORA_RANK, 4), (1, "single", "reference", False, LORA_RANK, 1),
+    (1, "single", "reference", True, LORA_RANK, 1),
+    (8, "fsdp2", "dual", False, 0, 1), (8, "fsdp2", "dual", True, 0, 4), (8, "deepspeed", "dual", True, 0, 4),
+    (8, "fsdp2", "reference", False, 0, 1), (8, "fsdp2", "reference", True, 0, 1),
+]
+
+
 def cells(resolution: int, gib: float, log) -> list[dict]:
     name, config = load_config("flux1-lite-8b")
-    rows = []
-    for gpus in (1, 8):
-        base = PlanSetting(step=StepSetting(method="scm", resolution=resolution, max_sequence_length=256),
-                           num_processes=gpus, backend="single" if gpus == 1 else "ddp")
-        for label, modes in (("fastest", ("dual", "fd")), ("reference", ("reference",))):
-            log(f"{resolution} px, {gpus} GPU(s), {label}:")
-            start = time.perf_counter()
-            result = fit(config, replace(base), gib, modes=modes, lora_ranks=(0, LORA_RANK), model_name=name, log=log)
-            result["search_seconds"] = time.perf_counter() - start
-            rows.append({"resolution": resolution, "gpus": gpus, "row": label, "result": result})
+    rows, cache = [], {}
+    for gpus, backend, mode, checkpointing, lora, batch in SETTINGS:
+        step = StepSetting(method="scm", jvp=mode, resolution=resolution, max_sequence_length=256,
+                           gradient_checkpointing=checkpointing, lora_rank=lora, train_batch_size=batch)
+        start = time.perf_counter()
+        result = plan(config, PlanSetting(step=step, backend=backend, num_processes=gpus), name, cache)
+        result["fits"] = result["peak_bytes"] <= usable_bytes(gib)
+        result["plan_seconds"] = time.perf_counter() - start
+        log(f"{resolution} px {gpus} GPU {backend} {mode} checkpointing {checkpointing} LoRA {lora} micro-batch "
+            f"{batch}: {result['peak_bytes'] / GIB:.1f} GiB ({result['plan_seconds']:.0f} s)")
+        rows.append({"resolution": resolution, "gpus": gpus, "row": mode, "result": result})
     return rows
 
 
 def table(paths: list[str]) -> str:
-    lines = ["| px | GPUs | row | mode | backend | micro-batch | checkpointing | LoRA | peak GiB/GPU (phase) | "
+    lines = ["| px | GPUs | fits 80 GiB | mode | backend | micro-batch | checkpointing | LoRA | peak GiB/GPU (phase) | "
              "samples/s, H100 est. |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         for cell in json.loads(Path(path).read_text())["cells"]:
             r = cell["result"]
-            if not r.get("fits"):
-                lines.append(f"| {cell['resolution']} | {cell['gpus']} | {cell['row']} | nothing fits | | | | | | |")
-                continue
             s = r["setting"]
-            lines.append(f"| {cell['resolution']} | {cell['gpus']} | {cell['row']} | {s['jvp']} | {s['backend']} | "
+            fits = "yes" if r["fits"] else "no"
+            lines.append(f"| {cell['resolution']} | {cell['gpus']} | {fits} | {s['jvp']} | {s['backend']} | "
                          f"{s['train_batch_size']} | {'on' if s['gradient_checkpointing'] else 'off'} | "
                          f"{s['lora_rank'] or 'off'} | {r['peak_bytes'] / GIB:.1f} ({r['peak_phase']}) | "
                          f"{r['estimate']['per_gpu']['H100']['samples_per_s']:.2f} |")
@@ -69,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     rows = cells(args.resolution, args.gib, lambda line: print(line, flush=True))
-    payload = {"model": "flux1-lite-8b", "method": "scm", "gib": args.gib, "machine": "2-core x86_64 CPU (fake tensors)",
+    payload = {"model": "flux1-lite-8b", "method": "scm", "gib": args.gib,
+               "machine": "2-core x86_64 CPU (fake tensors)",
                "seconds": time.perf_counter() - start, "cells": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=2, default=str) + "\n")

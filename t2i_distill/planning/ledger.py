@@ -76,6 +76,7 @@ class PhaseRecord:
     flops: int = 0
     end_bytes: int = 0
     largest_allocation: int = 0  # the biggest single storage created in the phase (e.g. an attention score matrix)
+    cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated over the phase, on a real GPU run
 
 
 class _Storage:
@@ -111,7 +112,7 @@ class MemoryLedger(TorchDispatchMode):
         self.phases: dict[str, PhaseRecord] = {}
         self._phase = "setup"
         self._hooks = []
-        self.unknown_ops: set[str] = set()
+        self.measure_cuda = False  # a real CUDA run: also record the allocator's own peak per phase
 
     # -- registration ----------------------------------------------------------------------------------------------
     def _storage_bytes(self, tensor: torch.Tensor) -> tuple[object, int] | None:
@@ -176,10 +177,16 @@ class MemoryLedger(TorchDispatchMode):
         previous, self._phase = self._phase, name
         record = self.phases.setdefault(name, PhaseRecord(name))
         self._phase_peak(record)
+        if self.measure_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         try:
             yield record
         finally:
             record.end_bytes = self.total
+            if self.measure_cuda:
+                torch.cuda.synchronize()
+                record.cuda_peak_bytes = max(record.cuda_peak_bytes or 0, torch.cuda.max_memory_allocated())
             self._phase = previous
 
     @property

@@ -140,11 +140,12 @@ def _loss(setting: StepSetting, student, teacher, batch, null_condition, phases)
                                 phases=phases)
 
 
-def run_step(config: dict, setting: StepSetting, fake: bool = True) -> StepResult:
+def run_step(config: dict, setting: StepSetting, fake: bool = True, device: str = "cpu") -> StepResult:
     """Build the models and run one training step on fake tensors; the ledger holds its bytes and FLOPs.
 
     ``config`` is the transformer's ``config.json`` as a dict. ``setting.cuda=False`` plans a CPU run (what the tests
-    compare with a real CPU step). ``fake=False`` runs the same step on real CPU tensors with random weights."""
+    compare with a real CPU step). ``fake=False`` runs the same step on real tensors with random weights on
+    ``device`` (``"cuda"``: ``bench/gpu_check.py`` then records ``torch.cuda.max_memory_allocated`` per phase)."""
     from types import SimpleNamespace
 
     from t2i_distill.training.optim import optimizer_factory
@@ -155,7 +156,8 @@ def run_step(config: dict, setting: StepSetting, fake: bool = True) -> StepResul
     ledger = MemoryLedger(cuda=setting.cuda)
     cuda = setting.cuda
     with ExitStack() as stack:
-        device = stack.enter_context(fake_tensors()) if fake else torch.device("cpu")
+        device = stack.enter_context(fake_tensors()) if fake else torch.device(device)
+        ledger.measure_cuda = device.type == "cuda"
         stack.enter_context(_whole_batch_in_cfg_subset())
         stack.enter_context(_values_unchecked())
         student, teacher = build_models(config, setting, device, fake)
@@ -166,7 +168,7 @@ def run_step(config: dict, setting: StepSetting, fake: bool = True) -> StepResul
         with mock.patch("torch.cuda.is_available", lambda: cuda):  # prepare_student's "fd on CUDA" choice
             prepare_student(student, SimpleNamespace(jvp=setting.jvp, cpu=not cuda,
                                                      gradient_checkpointing=setting.gradient_checkpointing))
-        if cuda:
+        if cuda and fake:
             stack.enter_context(emulate_cuda(student))
         trainable = [p for p in student.parameters() if p.requires_grad]
         optimizer = optimizer_factory(setting.optimizer, lr=1e-6)(trainable)
@@ -183,7 +185,7 @@ def run_step(config: dict, setting: StepSetting, fake: bool = True) -> StepResul
         ledger.register(teacher.buffers(), "teacher")
         ledger.register(batch.values(), "activations")
         ledger.watch_gradients(trainable)
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
+        autocast = (torch.autocast("cpu" if fake else device.type, dtype=torch.bfloat16)
                     if setting.mixed_precision == "bf16" and setting.weights_dtype == "fp32" else nullcontext())
         order = ["teacher", "jvp", "student", "dual", "cfg", "loss", "backward", "optimizer"]
         try:

@@ -419,3 +419,14 @@ def test_guarded_pass_reads_v_and_tv_converted_once_with_their_strides():
     assert torch.equal(t_rounded, v.to(torch.float16).float()) and not torch.equal(t_rounded, v)
     same_v, same_tv = _pv_operands(v, v_big, guard=False, round_f16=False)
     assert same_v is v and same_tv is v_big
+
+
+def test_under_autocast_attention_inputs_take_the_autocast_dtype():
+    """bf16 autocast over fp32 masters: FLUX's RMSNorm (fp32 weight) gives fp32 q/k while v is bf16; SDPA casts all
+    three to bf16 under autocast, and so do the kernels' entry points (they take one dtype per call)."""
+    from t2i_kernels.attention import _autocast_inputs
+
+    q, v = torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in _autocast_inputs(q, q, v, None)} == {torch.bfloat16}
+    assert _autocast_inputs(q, q, v) == (q, q, v)  # outside autocast: untouched (the checks name a mismatch)
