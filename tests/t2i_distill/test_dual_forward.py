@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from t2i_distill import apply_kernels_to_flux
-from t2i_distill.models import TrigFlowStudent
+from t2i_distill.models import TrigFlowStudent, dual_forward
 from t2i_distill.models.dual_forward import dual_linear, flux_forward_jvp, trigflow_forward_jvp
 from t2i_kernels.testing import assert_parity
 from tests.t2i_distill.flux_helpers import TINY_CONFIGS, as_dtype, build, call, reference_jvp, split_inputs
@@ -123,6 +123,39 @@ def test_dual_linear(grad):
     if grad:  # the weight's gradient comes from the primal rows only
         y.sum().backward()
         torch.testing.assert_close(linear.weight.grad, x.reshape(-1, 12).sum(0).expand(7, 12), atol=1e-12, rtol=0)
+
+
+def test_dual_linear_without_a_tangent_is_the_primal_alone():
+    linear = torch.nn.Linear(12, 7).double()
+    x = torch.randn(3, 5, 12, dtype=F64)
+    y, ty = dual_linear(linear, x, None)  # a checkpointed block's recompute
+    assert ty is None and torch.equal(y, linear(x)) and y.requires_grad
+
+
+def test_dual_linear_takes_separate_gemms_in_a_checkpointed_forward(monkeypatch):
+    """Without grad one GEMM serves [x; tx]; in a checkpointed block's forward (also without grad) the primal is
+    ``linear(x)`` alone, as the unchecked pass and the backward's recompute compute it (a GEMM over 2× the rows, or a
+    bias added after it, may round otherwise on a GPU)."""
+    linear = torch.nn.Linear(12, 7)
+    x, tx = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
+    rows, original = [], torch.nn.functional.linear
+
+    def spy(inp, weight, bias=None):
+        rows.append(inp.shape[0])
+        return original(inp, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with torch.no_grad():
+        dual_linear(linear, x, tx)
+        assert rows == [6]
+        rows.clear()
+        with dual_forward._separate_gemms():
+            y, ty = dual_linear(linear, x, tx)
+        assert rows == [3, 3]
+        assert torch.equal(y, original(x, linear.weight, linear.bias)) and torch.equal(ty, original(tx, linear.weight))
+        rows.clear()
+        dual_linear(linear, x, tx)  # the flag is reset on exit
+        assert rows == [6]
 
 
 def test_unsupported_configurations_raise():
