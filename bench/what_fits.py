@@ -2,11 +2,12 @@
 
     python bench/what_fits.py --resolution 512 --out bench/results/what_fits-512.committed.json
     python bench/what_fits.py --resolution 1024 --out bench/results/what_fits-1024.committed.json
-    python bench/what_fits.py --table bench/results/what_fits-*.committed.json   # the markdown table
+    python bench/what_fits.py --table bench/results/what_fits-*.committed.json   # the markdown table (--rows setting)
 
-Rows: the settings in :data:`SETTINGS` (the fused ``dual`` mode and, for contrast, ``reference``; full fine-tuning and
-LoRA; checkpointing off/on), each a ``plan`` on fake tensors: measured bytes per GPU, and whether that fits 80 GiB with
-the 8 % margin; the speed is an estimate from FLOPs.
+Per resolution and GPU count (1, 8): ``t2i-distill plan --fit 80``'s search (modes ``dual``, ``func``, ``fd``,
+``reference``; LoRA off / rank 64; checkpointing off / on; the backends; the micro-batch) for the fastest fitting
+setting, and the same search over ``reference`` alone for contrast; then the fixed settings of :data:`SETTINGS`.
+Every figure is a ``plan`` on fake tensors: measured bytes per GPU; the speed is an estimate from FLOPs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from t2i_distill.planning.fit import usable_bytes
+from t2i_distill.planning.fit import fit, usable_bytes
 from t2i_distill.planning.plan import GIB, PlanSetting, load_config, plan
 from t2i_distill.planning.step import StepSetting
 
@@ -38,6 +39,16 @@ SETTINGS = [
 def cells(resolution: int, gib: float, log) -> list[dict]:
     name, config = load_config("flux1-lite-8b")
     rows, cache = [], {}
+    for gpus in (1, 8):
+        base = PlanSetting(step=StepSetting(method="scm", resolution=resolution, max_sequence_length=256),
+                           num_processes=gpus, backend="single" if gpus == 1 else "ddp")
+        for label, modes in (("fastest", ("dual", "func", "fd", "reference")), ("reference", ("reference",))):
+            log(f"{resolution} px, {gpus} GPU(s), {label} (--fit {gib:g}):")
+            start = time.perf_counter()
+            result = fit(config, base, gib, modes=modes, lora_ranks=(0, LORA_RANK), model_name=name, log=log,
+                         cache=cache)
+            result["search_seconds"] = time.perf_counter() - start
+            rows.append({"resolution": resolution, "gpus": gpus, "row": f"fit: {label}", "result": result})
     for gpus, backend, mode, checkpointing, lora, batch in SETTINGS:
         step = StepSetting(method="scm", jvp=mode, resolution=resolution, max_sequence_length=256,
                            gradient_checkpointing=checkpointing, lora_rank=lora, train_batch_size=batch)
@@ -47,19 +58,26 @@ def cells(resolution: int, gib: float, log) -> list[dict]:
         result["plan_seconds"] = time.perf_counter() - start
         log(f"{resolution} px {gpus} GPU {backend} {mode} checkpointing {checkpointing} LoRA {lora} micro-batch "
             f"{batch}: {result['peak_bytes'] / GIB:.1f} GiB ({result['plan_seconds']:.0f} s)")
-        rows.append({"resolution": resolution, "gpus": gpus, "row": mode, "result": result})
+        rows.append({"resolution": resolution, "gpus": gpus, "row": "setting", "result": result})
     return rows
 
 
-def table(paths: list[str]) -> str:
-    lines = ["| px | GPUs | fits 80 GiB | mode | backend | micro-batch | checkpointing | LoRA | peak GiB/GPU (phase) | "
-             "samples/s, H100 est. |", "|---|---|---|---|---|---|---|---|---|---|"]
+def table(paths: list[str], rows: str = "fit") -> str:
+    """The markdown table of the ``fit`` rows (the fastest fitting setting, and reference's) or the fixed ``setting``
+    rows."""
+    lines = ["| px | GPUs | row | mode | backend | micro-batch | checkpointing | LoRA | peak GiB/GPU (phase) | "
+             "samples/s, all GPUs, H100 est. |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         for cell in json.loads(Path(path).read_text())["cells"]:
+            if not cell["row"].startswith(rows):
+                continue
             r = cell["result"]
+            label = cell["row"].removeprefix("fit: ") if rows == "fit" else ("fits" if r["fits"] else "too big")
+            if rows == "fit" and not r["fits"]:
+                lines.append(f"| {cell['resolution']} | {cell['gpus']} | {label} | nothing fits | | | | | | |")
+                continue
             s = r["setting"]
-            fits = "yes" if r["fits"] else "no"
-            lines.append(f"| {cell['resolution']} | {cell['gpus']} | {fits} | {s['jvp']} | {s['backend']} | "
+            lines.append(f"| {cell['resolution']} | {cell['gpus']} | {label} | {s['jvp']} | {s['backend']} | "
                          f"{s['train_batch_size']} | {'on' if s['gradient_checkpointing'] else 'off'} | "
                          f"{s['lora_rank'] or 'off'} | {r['peak_bytes'] / GIB:.1f} ({r['peak_phase']}) | "
                          f"{r['estimate']['per_gpu']['H100']['samples_per_s']:.2f} |")
@@ -72,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gib", type=float, default=80.0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--table", nargs="+", default=None, help="print the markdown table of these JSON files")
+    parser.add_argument("--rows", default="fit", choices=["fit", "setting"], help="which rows --table prints")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(args.table))
+        print(table(args.table, args.rows))
         return 0
     start = time.perf_counter()
     rows = cells(args.resolution, args.gib, lambda line: print(line, flush=True))

@@ -89,6 +89,7 @@ def format_plan(result: dict) -> str:
               "| GPU | peak TFLOP/s | step s (est.) | samples/s, all GPUs (est.) |", "|---|---|---|---|"]
     lines += [f"| {gpu} | {GPUS[gpu]:.0f} | {e['step_s']:.2f} | {e['samples_per_s']:.2f} |"
               for gpu, e in est["per_gpu"].items()]
+    lines += [f"\nNOTE: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
 
 

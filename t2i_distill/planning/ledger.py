@@ -9,7 +9,8 @@ storage an op returns is registered once, by identity, with a weakref whose call
 storage dies; the running total's peak is recorded with its breakdown by category and the phase it happened in.
 
 Categories: a storage is labelled when it is first seen (``parameters``, ``teacher`` and ``buffers`` before the step;
-``activations`` in forward phases; ``temporaries`` in the backward; ``optimizer`` in the optimizer step) and moved to
+``activations`` in forward phases; ``temporaries`` in the backward; ``optimizer`` in the optimizer step: its states and
+the step's own temporaries, e.g. the multi-tensor AdamW's full-size ``sqrt(v)``) and moved to
 ``gradients`` when autograd accumulates it into a ``.grad`` (a post-accumulate-grad hook, as MemTracker does).
 CUDA's caching allocator rounds every block up to 512 bytes; that rounding is applied, as MemTracker does, when the
 ledger accounts for CUDA (``cuda=True``). Fragmentation and the allocator's cached-but-free blocks are not
@@ -125,6 +126,8 @@ class MemoryLedger(TorchDispatchMode):
         return storage, nbytes
 
     def track(self, tensor: torch.Tensor, category: str, relabel: bool = True) -> None:
+        if hasattr(tensor, "to_local"):  # a DTensor: this rank's shard is what it allocates
+            tensor = tensor.to_local()
         """Count ``tensor``'s storage under ``category``; one counted already is moved to ``category`` when
         ``relabel`` (a view an op returns, e.g. a weight's transpose, keeps its storage's category)."""
         found = self._storage_bytes(tensor)
@@ -160,11 +163,17 @@ class MemoryLedger(TorchDispatchMode):
             self.track(tensor, category)
 
     def watch_gradients(self, parameters) -> None:
-        """Label each parameter's ``.grad`` as ``gradients`` when autograd accumulates into it."""
+        """Label each parameter's ``.grad`` as ``gradients`` when autograd accumulates into it (FSDP2 assigns its
+        reduce-scattered shard to ``.grad`` itself: :meth:`label_gradients` after the backward catches those)."""
         for param in parameters:
             if param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(
                     lambda p: self.track(p.grad, "gradients")))
+
+    def label_gradients(self, parameters) -> None:
+        for param in parameters:
+            if param.grad is not None:
+                self.track(param.grad, "gradients")
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -215,8 +224,42 @@ class MemoryLedger(TorchDispatchMode):
             self.peak_bytes, self.peak_phase = total, self._phase
             self.peak_breakdown = {k: v for k, v in self.current.items() if v}
 
+    # -- resizes (FSDP2 frees and re-allocates its unsharded parameters with storage.resize_) --------------------
+    def __enter__(self):
+        # ``UntypedStorage.resize_`` does not pass through the dispatcher; MemTracker patches it the same way.
+        self._original_resize = torch.UntypedStorage.resize_
+        ledger, original = self, self._original_resize
+
+        def resize_(storage, size):
+            result = original(storage, size)
+            ledger._resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*exc)
+
+    def _resized(self, storage) -> None:
+        entry = self._live.get(id(storage))
+        if entry is None or entry[0]() is not storage:
+            return
+        record = entry[1]
+        nbytes = storage.nbytes()
+        if self.cuda and nbytes:
+            nbytes = math.ceil(nbytes / _CUDA_BLOCK) * _CUDA_BLOCK
+        self.current[record.category] += nbytes - record.bytes
+        record.bytes = nbytes
+        self._update_peak()
+
     # -- dispatch --------------------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(t is DTensor for t in types):  # let DTensor (FSDP2's parameters) run its local ops through this mode
+            return NotImplemented
         kwargs = kwargs or {}
         if self.cuda and func._overloadpacket.__name__ in CUDA_FP32_OPS and torch.is_autocast_enabled("cpu"):
             args, kwargs = tree_map_only(torch.Tensor, self._to_fp32, (args, kwargs))

@@ -7,20 +7,27 @@ parameters, N: processes; bytes):
 ==========  ==========================================  ===============================  =========================
 backend     parameters                                  gradients                        optimizer (AdamW) / EMA
 ==========  ==========================================  ===============================  =========================
-single      measured (fp32 masters; autocast's bf16     measured (fp32)                  measured (8·T) / 4·T
+single      measured (fp32 masters; autocast's bf16     measured (fp32)                  measured / 4·T
             weight copies are activations)
 ddp         as single                                   as single, + DDP's bucket        as single
                                                         buffers 4·T (allocated when
                                                         DDP wraps the model)
-fsdp2       4·P/N fp32 shards + bf16 root (2·R) + two   4·T/N fp32 shards (+ two         8·T/N / 4·T/N
-            gathered blocks (2·2·B_max) in the passes   blocks' bf16 grads in backward)
-deepspeed   2·P bf16 module + 4·T/N fp32 masters        bf16 partition 2·T/N + the       8·T/N / 4·T
-(ZeRO-2)                                                reduce bucket (2 bytes × its
+fsdp2       measured: the engine's ``fully_shard``      measured (reduce-scattered       8·T/N, 12·T/N in the
+            (every block, then the root), N ranks       fp32 shards)                     step / 4·T/N
+deepspeed   2·P bf16 module + 4·T/N fp32 masters        bf16 partition 2·T/N + the       8·T/N, 12·T/N in the
+(ZeRO-2)                                                reduce bucket (2 bytes × its     step / 4·T
                                                         size), + 4·T/N fp32 at the step
 ==========  ==========================================  ===============================  =========================
 
-For fsdp2 and deepspeed the step is measured with bf16 module weights and no autocast (what both compute with), so
-activations carry no weight copies. With gradient accumulation the gradients live through the next micro-step's
+Optimizer states are counted in their steady state: they live through every phase of every step after the first
+(AdamW: 8 bytes per trainable parameter); during the optimizer step, with the multi-tensor step's full-size
+temporaries (measured for single/ddp, 4·T/N more by rule for the sharded backends).
+
+FSDP2 is not derived: the step runs with the engine's own ``fully_shard`` calls over a process group of N ranks in
+this one process (torch's "fake" backend: collectives move no data), so its all-gathered bf16 blocks, prefetching,
+resharding and reduce-scatter buffers are counted as they are allocated. DeepSpeed is derived: the step is measured
+with bf16 module weights and no autocast (what ZeRO-2 computes with), then the rules above replace its parameters,
+gradients and optimizer states. With gradient accumulation the gradients live through the next micro-step's
 passes too. The text encoders and VAE (bf16) are added when the data is encoded live (no ``--cached_dataset``).
 Step time is an **estimate**: FLOPs / (peak dense bf16 TFLOP/s × an assumed utilisation), communication ignored.
 """
@@ -77,30 +84,35 @@ def load_config(model: str) -> tuple[str, dict]:
 
 
 def measured_setting(setting: PlanSetting) -> StepSetting:
-    sharded = setting.backend in ("fsdp2", "deepspeed") and setting.step.mixed_precision == "bf16"
-    return replace(setting.step, weights_dtype="bf16" if sharded else "fp32")
+    """The step that is run for ``setting``: FSDP2 itself (fully_shard over fake ranks), DeepSpeed's bf16 module."""
+    if setting.backend == "fsdp2":
+        return replace(setting.step, weights_dtype="fp32", fsdp2_world=setting.num_processes)
+    bf16_module = setting.backend == "deepspeed" and setting.step.mixed_precision == "bf16"
+    return replace(setting.step, weights_dtype="bf16" if bf16_module else "fp32", fsdp2_world=0)
 
 
 def apply_backend(result: StepResult, setting: PlanSetting) -> dict[str, dict[str, int]]:
     """Per phase, the per-rank bytes by category under ``setting``'s backend (rules in the module docstring)."""
     n, backend = setting.num_processes, setting.backend
     p, t = result.student_params, result.trainable_params
-    passes = ("teacher", "jvp", "student", "dual", "cfg", "loss", "backward")
     phases = {}
     for name in result.phase_order:
         cats = dict(result.ledger.phases[name].peak_breakdown)
         has_grads = name in ("backward", "optimizer") or setting.gradient_accumulation_steps > 1
-        if backend == "fsdp2":
-            gathered = 2 * result.root_params + (2 * 2 * result.largest_block_params if name in passes else 0)
-            cats["parameters"] = 4 * p // n + gathered
-            cats["gradients"] = (4 * t // n if has_grads else 0) + (
-                2 * 2 * result.largest_block_params if name == "backward" else 0)
-            cats["optimizer"] = 8 * t // n if name == "optimizer" or cats.get("optimizer") else 0
+        # Steady state: from the second step on the optimizer's states live through every phase; in the optimizer
+        # phase they are there with the step's temporaries (the multi-tensor AdamW's full-size sqrt(v) list).
+        states = result.optimizer_state_bytes
+        if backend in ("fsdp2", "deepspeed"):
+            states = 8 * t // n
+        cats["optimizer"] = (cats.get("optimizer", 0) if backend in ("single", "ddp") else 12 * t // n) \
+            if name == "optimizer" else states
+        if backend == "fsdp2":  # measured as it is: fully_shard's shards, gathers and reduce-scatters
+            if has_grads and setting.gradient_accumulation_steps > 1:
+                cats["gradients"] = max(cats.get("gradients", 0), 4 * t // n)
         elif backend == "deepspeed":
             cats["parameters"] = 2 * p + 4 * t // n
             bucket = 2 * min(setting.reduce_bucket_size, t) if name == "backward" else 0
             cats["gradients"] = (2 * t // n if has_grads else 0) + bucket + (4 * t // n if name == "optimizer" else 0)
-            cats["optimizer"] = 8 * t // n if name == "optimizer" or cats.get("optimizer") else 0
         elif backend == "ddp":
             cats["ddp_buckets"] = 4 * t
         if has_grads and setting.gradient_accumulation_steps > 1 and backend in ("single", "ddp"):
@@ -146,7 +158,7 @@ def plan(config: dict, setting: PlanSetting, model_name: str = "", cache: dict |
         "peak_breakdown": phases[peak_phase],
         "phases": {name: {"peak_bytes": sum(cats.values()), "breakdown": cats,
                           "flops": result.ledger.phases[name].flops} for name, cats in phases.items()},
-        "flops_per_micro_step": micro_flops, "flops_per_step": step_flops,
+        "flops_per_micro_step": micro_flops, "flops_per_step": step_flops, "notes": list(result.notes),
         "estimate": {"utilisation": UTILISATION, "peak_tflops": GPUS, "per_gpu": estimates,
                      "note": "estimate from FLOPs at the stated utilisation, communication ignored; not a measurement"},
     }

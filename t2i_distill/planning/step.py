@@ -20,7 +20,7 @@ their bf16 weights are added by :mod:`.plan`), collectives (their buffers are mo
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from unittest import mock
 
 import torch
@@ -51,6 +51,7 @@ class StepSetting:
     lora_alpha: float | None = None
     lora_target_modules: tuple[str, ...] | None = None
     cuda: bool = True  # emulate a CUDA run (False: a CPU run, what the tests compare with real CPU steps)
+    fsdp2_world: int = 0  # > 0: shard the student with the engine's fully_shard over this many fake ranks
 
 
 @dataclass
@@ -62,8 +63,8 @@ class StepResult:
     trainable_params: int
     teacher_params: int
     teacher_bytes: int
-    largest_block_params: int = 0  # the biggest transformer block (FSDP2 gathers one block at a time)
-    root_params: int = 0  # parameters outside the blocks (FSDP2's root unit: embedders, final norm, projection)
+    optimizer_state_bytes: int = 0  # what the optimizer keeps between steps (AdamW: exp_avg, exp_avg_sq), this rank
+    notes: list[str] = field(default_factory=list)
     phase_order: list[str] = field(default_factory=list)
 
 
@@ -118,6 +119,44 @@ def _whole_batch_in_cfg_subset():
 
 
 @contextmanager
+def _fake_process_group(world: int):
+    """A ``world``-rank process group in this one process (torch's "fake" backend: collectives move no data) and its
+    1-d CPU mesh, created before fake tensors (a mesh reads real values), handed to ``fully_shard`` as its default."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp._fully_shard import _fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("plan: a process group is already initialised in this process; run plan on its own")
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        with mock.patch.object(_fully_shard, "_init_default_mesh", lambda *args, **kwargs: mesh):
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _shard_fsdp2(pair, setting: StepSetting, config: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """The engine's FSDP2 sharding of the pair, then one tiny forward outside any transform (not counted).
+
+    Why the forward: FSDP2 creates each block's unsharded ``nn.Parameter`` on its first all-gather, and creating a
+    parameter inside ``torch.func.jvp`` (the first student call of the ``func``/``reference`` modes) is refused by
+    functorch. A 1-token step of the pair in the ``fd`` mode (plain forwards), without grad, creates them first."""
+    from t2i_distill.training.engine import EngineConfig, _shard_fsdp2
+
+    _shard_fsdp2(pair, EngineConfig(backend="fsdp2", mixed_precision=setting.mixed_precision))
+    tiny = replace(setting, resolution=2 * VAE_DOWNSCALE, max_sequence_length=1, train_batch_size=1)
+    mode, pair.jvp_mode = pair.jvp_mode, "fd"
+    try:
+        with torch.no_grad():
+            pair(_batch(config, tiny, device, dtype), 0)
+    finally:
+        pair.jvp_mode = mode
+
+
+@contextmanager
 def _values_unchecked():
     """The draws' value checks (finite, angles in range) read values, which fake tensors lack; the draws come from
     the losses' own samplers here, so only their shapes are checked."""
@@ -131,13 +170,13 @@ def _values_unchecked():
         yield
 
 
-def _loss(setting: StepSetting, student, teacher, batch, null_condition, phases):
-    from t2i_distill import losses
+def _pair(setting: StepSetting, student, teacher, null_condition):
+    """The trainer's :class:`~t2i_distill.training.trainer.DistillationPair` (what the engine wraps and shards)."""
+    from t2i_distill.losses import MeanFlowConfig, SCMConfig
+    from t2i_distill.training.trainer import DistillationPair
 
-    if setting.method == "scm":
-        return losses.scm_loss(student, teacher, batch, step=10**6, jvp_mode=setting.jvp, phases=phases)
-    return losses.meanflow_loss(student, teacher, batch, null_condition=null_condition, jvp_mode=setting.jvp,
-                                phases=phases)
+    config = SCMConfig() if setting.method == "scm" else MeanFlowConfig()
+    return DistillationPair(setting.method, student, teacher, config, setting.jvp, null_condition)
 
 
 def run_step(config: dict, setting: StepSetting, fake: bool = True, device: str = "cpu") -> StepResult:
@@ -156,6 +195,8 @@ def run_step(config: dict, setting: StepSetting, fake: bool = True, device: str 
     ledger = MemoryLedger(cuda=setting.cuda)
     cuda = setting.cuda
     with ExitStack() as stack:
+        if setting.fsdp2_world:
+            stack.enter_context(_fake_process_group(setting.fsdp2_world))
         device = stack.enter_context(fake_tensors()) if fake else torch.device(device)
         ledger.measure_cuda = device.type == "cuda"
         stack.enter_context(_whole_batch_in_cfg_subset())
@@ -170,8 +211,6 @@ def run_step(config: dict, setting: StepSetting, fake: bool = True, device: str 
                                                      gradient_checkpointing=setting.gradient_checkpointing))
         if cuda and fake:
             stack.enter_context(emulate_cuda(student))
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        optimizer = optimizer_factory(setting.optimizer, lr=1e-6)(trainable)
         input_dtype = torch.bfloat16 if setting.weights_dtype == "bf16" else torch.float32
         batch = _batch(config, setting, device, input_dtype)
         null = None
@@ -179,34 +218,54 @@ def run_step(config: dict, setting: StepSetting, fake: bool = True, device: str 
             null = (torch.randn(1, setting.max_sequence_length, config["joint_attention_dim"], device=device,
                                 dtype=input_dtype),
                     torch.randn(1, config["pooled_projection_dim"], device=device, dtype=input_dtype))
+        pair = _pair(setting, student, teacher, null)
+        notes = []
+        if setting.fsdp2_world:  # the engine's own sharding of the pair: every block, then the root
+            _shard_fsdp2(pair, setting, config, device, input_dtype)
+            from torch.distributed.fsdp import FSDPModule
+
+            units = sum(isinstance(m, FSDPModule) for m in pair.modules())
+            if units == 1:
+                notes.append("FSDP2 sharded the root only: the engine shards blocks by class name "
+                             "(FluxTransformerBlock, FluxSingleTransformerBlock) and the kernel-patched blocks are "
+                             "KernelFlux*Block, so every pass all-gathers the whole student (bf16)")
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        optimizer = optimizer_factory(setting.optimizer, lr=1e-6)(trainable)
+        if cuda:  # torch picks the multi-tensor (foreach) step for CUDA tensors, and for CPU ones the per-tensor loop;
+            for group in optimizer.param_groups:  # its full-size temporaries are part of a GPU step's peak
+                group["foreach"] = True
         ledger.register(student.parameters(), "parameters")
         ledger.register(student.buffers(), "buffers")
         ledger.register(teacher.parameters(), "teacher")
         ledger.register(teacher.buffers(), "teacher")
         ledger.register(batch.values(), "activations")
         ledger.watch_gradients(trainable)
+        # Engine.autocast: single/ddp only (FSDP2's policy and DeepSpeed's bf16 weights compute in bf16 themselves).
         autocast = (torch.autocast("cpu" if fake else device.type, dtype=torch.bfloat16)
-                    if setting.mixed_precision == "bf16" and setting.weights_dtype == "fp32" else nullcontext())
+                    if setting.mixed_precision == "bf16" and setting.weights_dtype == "fp32"
+                    and not setting.fsdp2_world else nullcontext())
         order = ["teacher", "jvp", "student", "dual", "cfg", "loss", "backward", "optimizer"]
         try:
             with ledger:
                 with autocast:
-                    loss, _ = _loss(setting, student, teacher, batch, null, ledger.phase)
+                    loss, _ = pair(batch, 10**6, phases=ledger.phase)
                 with ledger.phase("backward"):
                     loss.backward()
                     del loss
+                    ledger.label_gradients(trainable)
                 with ledger.phase("optimizer"):
                     torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=True)
-                    optimizer.step()
+                    if not setting.fsdp2_world:  # FSDP2's step is counted by rule (plan.py): on fake DTensors the
+                        optimizer.step()  # multi-tensor step materialises buffers a GPU step does not
                     optimizer.zero_grad(set_to_none=True)
         finally:
             ledger.remove_hooks()
         teacher_params = sum(p.numel() for p in teacher.parameters())
-        blocks = [*student.transformer_blocks, *student.single_transformer_blocks]
-        block_sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
         total = sum(p.numel() for p in student.parameters())
+        states = {id(t.untyped_storage()): t.untyped_storage().nbytes() for state in optimizer.state.values()
+                  for key, t in state.items() if isinstance(t, torch.Tensor) and key != "step"}
         return StepResult(
-            largest_block_params=max(block_sizes), root_params=total - sum(block_sizes),
+            optimizer_state_bytes=sum(states.values()), notes=notes,
             ledger=ledger, student_params=total,
             trainable_params=sum(p.numel() for p in trainable), teacher_params=teacher_params,
             teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()),

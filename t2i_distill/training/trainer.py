@@ -63,8 +63,12 @@ class DistillationPair(nn.Module):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def forward(self, batch: dict, step: int, draws=None, outputs_only: bool = False):
+    def forward(self, batch: dict, step: int, draws=None, outputs_only: bool = False, phases=None):
+        """``(loss, logs)`` of the method; ``phases`` is the losses' phase hook (``t2i-distill plan`` passes one)."""
         from t2i_distill import losses
+        from t2i_distill.losses.common import no_phases
+
+        phases = no_phases if phases is None else phases
 
         if outputs_only:  # the rescale gap: (student, teacher) velocities, through the backend's wrapper like a step
             from t2i_distill.losses.rescale import rescale_outputs
@@ -76,10 +80,10 @@ class DistillationPair(nn.Module):
             return rescale_loss(self.student, self.teacher, batch, config=self.loss_config, draws=draws)
         if self.method == "scm":
             return losses.scm_loss(self.student, self.teacher, batch, step=step, config=self.loss_config,
-                                   draws=draws, jvp_mode=self.jvp_mode)
+                                   draws=draws, jvp_mode=self.jvp_mode, phases=phases)
         return losses.meanflow_loss(self.student, self.teacher, batch, config=self.loss_config,
                                     null_condition=(self.null_prompt_embeds, self.null_pooled_prompt_embeds),
-                                    draws=draws, jvp_mode=self.jvp_mode)
+                                    draws=draws, jvp_mode=self.jvp_mode, phases=phases)
 
 
 # -- building blocks ----------------------------------------------------------------------------------------------
