@@ -428,5 +428,6 @@ def test_under_autocast_attention_inputs_take_the_autocast_dtype():
 
     q, v = torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert {t.dtype for t in _autocast_inputs(q, q, v, None)} == {torch.bfloat16}
+        cast = _autocast_inputs(q, q, v, None)
+    assert {t.dtype for t in cast[:3]} == {torch.bfloat16} and cast[3] is None  # an absent tangent stays absent
     assert _autocast_inputs(q, q, v) == (q, q, v)  # outside autocast: untouched (the checks name a mismatch)
