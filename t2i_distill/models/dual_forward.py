@@ -27,8 +27,9 @@ Conditioning, embedders and the output layer are not checkpointed (they are smal
 
 Limits: FLUX models in diffusers' layout (double + single blocks), head dims the attention kernel supports, no
 attention masks, unfused QKV projections. LoRA (peft/diffusers ``add_adapter``) and other wrapped linears are
-supported: see :func:`dual_linear`. The pass calls each block's submodules, never ``block.forward``, so FSDP2 works
-with ``fully_shard`` on a module above the blocks only: a block of its own would keep its parameters sharded here.
+supported: see :func:`dual_linear`. The pass calls each block's submodules, not ``block.forward``; a block that FSDP2
+shards on its own is called through ``Module.__call__`` with the dual step as its forward, so that FSDP2's hooks
+all-gather, reshard and reduce-scatter it as in any forward (:func:`_through_module_call`).
 """
 
 from __future__ import annotations
@@ -325,6 +326,39 @@ def _checkpointed_block(body, block, hidden: Pair, encoder: Pair, modulation: li
     return (e, te), (h, th)
 
 
+def _is_fsdp_unit(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _through_module_call(block: torch.nn.Module, run: Callable, hidden: Pair, encoder: Pair,
+                         temb: Pair) -> tuple[Pair, Pair]:
+    """``run(block, hidden, encoder, temb)``, as the block's own ``forward`` when FSDP2 shards the block.
+
+    Why: FSDP2 acts in ``Module.__call__``'s hooks: the pre-forward hook all-gathers the block's parameters (and casts
+    its floating inputs to the compute dtype) and registers the post-backward reduce-scatter on the inputs; the
+    post-forward hook reshards and registers the pre-backward all-gather on the outputs. The dual pass calls the
+    block's submodules, so a block sharded on its own (the engine's per-block ``fully_shard``) would otherwise keep
+    its parameters sharded here. For this one call the dual step is the block's ``forward`` (an instance attribute
+    shadows the class's). The rotary embedding stays in ``run``'s closure, uncast, as in the unsharded pass. Other
+    blocks are called directly: hooks that expect the block's own signature never see a dual call."""
+    if not _is_fsdp_unit(block):
+        return run(block, hidden, encoder, temb)
+    missing = object()
+    previous = block.__dict__.get("forward", missing)
+    block.forward = lambda hidden, encoder, temb: run(block, hidden, encoder, temb)
+    try:
+        return block(hidden, encoder, temb)
+    finally:
+        if previous is missing:
+            del block.forward
+        else:
+            block.forward = previous
+
+
 def _rng_state(like: torch.Tensor) -> tuple:
     """The CPU RNG state and that of the accelerator ``like`` is on (what the recompute restores)."""
     devices, states = torch.utils.checkpoint.get_device_states(like)
@@ -407,9 +441,12 @@ def flux_forward_jvp(
     for step, modulation, body, blocks in stages:
         for block in blocks:
             if checkpointed:
-                encoder, hidden = _checkpointed_block(body, block, hidden, encoder, modulation(block, temb), rotary)
+                def run(block, hidden, encoder, temb, body=body, modulation=modulation):
+                    return _checkpointed_block(body, block, hidden, encoder, modulation(block, temb), rotary)
             else:
-                encoder, hidden = step(block, hidden, encoder, temb, rotary)
+                def run(block, hidden, encoder, temb, step=step):
+                    return step(block, hidden, encoder, temb, rotary)
+            encoder, hidden = _through_module_call(block, run, hidden, encoder, temb)
     scale, shift = _adaln_chunks(model.norm_out, temb, 2, cast_to=hidden[0].dtype)
     out = dual_linear(model.proj_out, *_ln_modulate(model.norm_out.norm.eps, hidden, scale, shift))
     return out[0], out[1].detach()

@@ -226,9 +226,9 @@ def run_step(config: dict, setting: StepSetting, fake: bool = True, device: str 
 
             units = sum(isinstance(m, FSDPModule) for m in pair.modules())
             if units == 1:
-                notes.append("FSDP2 sharded the root only: the engine shards blocks by class name "
-                             "(FluxTransformerBlock, FluxSingleTransformerBlock) and the kernel-patched blocks are "
-                             "KernelFlux*Block, so every pass all-gathers the whole student (bf16)")
+                notes.append("FSDP2 sharded the root only: the engine shards the blocks whose class (or a base "
+                             "class) is FluxTransformerBlock or FluxSingleTransformerBlock, and this model has none, "
+                             "so every pass all-gathers the whole student (bf16)")
         trainable = [p for p in student.parameters() if p.requires_grad]
         optimizer = optimizer_factory(setting.optimizer, lr=1e-6)(trainable)
         if cuda:  # torch picks the multi-tensor (foreach) step for CUDA tensors, and for CPU ones the per-tensor loop;

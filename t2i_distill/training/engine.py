@@ -15,7 +15,8 @@ What each backend does (and why):
 * ``single``: one process, the plain module. ``ddp``: ``torch.nn.parallel.DistributedDataParallel``. Gradient
   sync is switched off on non-final micro-steps through DDP's own ``require_backward_grad_sync`` flag (what
   ``no_sync()`` toggles; DDP reads it in the *forward*, so it is set when a step ends, before the next forward).
-* ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every block (``EngineConfig.fsdp_block_classes``) and on the
+* ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every block (a module whose class or a base class is named in
+  ``EngineConfig.fsdp_block_classes``: the kernel-patched ``KernelFlux*Block`` subclass diffusers' blocks) and on the
   root; parameters are broadcast from rank 0 first, because, unlike DDP, ``fully_shard`` does not make ranks agree.
   Non-final micro-steps call ``set_requires_gradient_sync(False)``.
 * ``deepspeed``: ``deepspeed.initialize`` with the JSON resolved by :func:`resolve_deepspeed_config` and a torch
@@ -405,6 +406,12 @@ def _local_numel(param: torch.Tensor) -> int:
     return (param.to_local() if hasattr(param, "to_local") else param).numel()
 
 
+def _is_block(module: nn.Module, class_names: tuple[str, ...]) -> bool:
+    """By class name, the class's or a base's: a subclass (the kernel-patched blocks) is still that block, and
+    without its own unit FSDP2 would all-gather the whole model for every pass."""
+    return any(cls.__name__ in class_names for cls in type(module).__mro__)
+
+
 def _shard_fsdp2(model: nn.Module, config: EngineConfig) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -415,7 +422,7 @@ def _shard_fsdp2(model: nn.Module, config: EngineConfig) -> None:
     with torch.no_grad():  # fully_shard keeps each rank's values: make them rank 0's first
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
-    blocks = [m for m in model.modules() if type(m).__name__ in config.fsdp_block_classes]
+    blocks = [m for m in model.modules() if _is_block(m, config.fsdp_block_classes)]
     for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=config.fsdp_reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=config.fsdp_reshard_after_forward)

@@ -223,23 +223,39 @@ def _wrapped_loss_grads(wrap, student):
                            if p.grad is not None}
 
 
+def _engine_fsdp2(module: torch.nn.Module) -> torch.nn.Module:
+    """The engine's own FSDP2 sharding: every block its own unit (the patched blocks too), then the root."""
+    from t2i_distill.training.engine import EngineConfig, _shard_fsdp2
+
+    _shard_fsdp2(module, EngineConfig(backend="fsdp2", mixed_precision="no"))
+    return module
+
+
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["checkpointed", "unchecked"])
 @pytest.mark.parametrize("backend", ["ddp", "ddp-find-unused", "fsdp2"])
-def test_checkpointed_dual_pass_under_a_distributed_wrapper(process_group, backend):
-    """The block parameters' gradients come out of the checkpoint node, so the wrapper's hooks see them: DDP's
-    reducer (and its search for unused parameters from the loss) and FSDP2's post-backward reduction. FSDP2 shards
-    the root only: the dual pass calls the blocks' submodules, not ``block.forward``, so per-block sharding hooks
-    never run (the trainer's patched blocks are not matched by the engine's block classes either)."""
-    from torch.distributed.fsdp import fully_shard
+def test_the_dual_pass_under_a_distributed_wrapper(process_group, backend, checkpointed):
+    """The block parameters' gradients reach the wrapper's hooks: DDP's reducer (and its search for unused parameters
+    from the loss) and FSDP2's post-backward reduce-scatter. Under FSDP2 every block is a unit of its own, and the
+    dual pass calls it through ``Module.__call__`` so that its all-gather and reduce-scatter run: loss and gradients
+    equal the unwrapped, unchecked pass, and each block is resharded after its forward and after its backward."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
     wraps = {"ddp": lambda m: DistributedDataParallel(m),
              "ddp-find-unused": lambda m: DistributedDataParallel(m, find_unused_parameters=True),
-             "fsdp2": fully_shard}
+             "fsdp2": _engine_fsdp2}
     student = build_flux().train()
     loss_a, grads_a = _wrapped_loss_grads(lambda m: m, copy.deepcopy(student))
-    student.enable_gradient_checkpointing()
+    if checkpointed:
+        student.enable_gradient_checkpointing()
     loss_b, grads_b = _wrapped_loss_grads(wraps[backend], student)
     if backend == "fsdp2":  # gradients of DTensor shards: a one-rank shard is the whole tensor
+        blocks = [*student.transformer_blocks, *student.single_transformer_blocks]
+        assert all(isinstance(block, FSDPModule) for block in blocks)
+        assert all(isinstance(p, dist.tensor.DTensor) for block in blocks for p in block.parameters())  # resharded
+        assert "forward" not in blocks[0].__dict__  # the dual step was its forward for one call only
         grads_b = {n: g.full_tensor() for n, g in grads_b.items()}
     assert torch.equal(loss_b, loss_a)
-    _assert_same_grads(grads_b, grads_a)
+    # FSDP2's per-block hook nodes change the order in which autograd sums the time embedding's per-block gradient
+    # terms: equal to rounding there (measured: 1 ulp), bit for bit under DDP.
+    _assert_same_grads(grads_b, grads_a, rel=1e-6 if backend == "fsdp2" else 0.0)

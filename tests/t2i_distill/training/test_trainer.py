@@ -176,8 +176,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# FSDP2 also under the two kernel JVP modes: `func` runs torch.func.jvp over the sharded student, `dual` calls its
-# (sharded) submodules directly.
+# FSDP2 also under the two kernel JVP modes, each block (the kernel-patched ones too) a unit of its own: `func` runs
+# torch.func.jvp over the sharded student, `dual` calls each sharded block through Module.__call__ (FSDP2's hooks).
 @pytest.mark.parametrize(("backend", "jvp"), [("ddp", "reference"), ("fsdp2", "reference"), ("deepspeed", "reference"),
                                               ("fsdp2", "func"), ("fsdp2", "dual")])
 def test_two_processes_train_and_agree(folder, images, tmp_path, backend, jvp):
