@@ -439,13 +439,13 @@ def flux_forward_jvp(
     stages = ((double_block_jvp, _double_modulation, _double_body, model.transformer_blocks),
               (single_block_jvp, _single_modulation, _single_body, model.single_transformer_blocks))
     for step, modulation, body, blocks in stages:
+        if checkpointed:
+            def run(block, hidden, encoder, temb, body=body, modulation=modulation):
+                return _checkpointed_block(body, block, hidden, encoder, modulation(block, temb), rotary)
+        else:
+            def run(block, hidden, encoder, temb, step=step):
+                return step(block, hidden, encoder, temb, rotary)
         for block in blocks:
-            if checkpointed:
-                def run(block, hidden, encoder, temb, body=body, modulation=modulation):
-                    return _checkpointed_block(body, block, hidden, encoder, modulation(block, temb), rotary)
-            else:
-                def run(block, hidden, encoder, temb, step=step):
-                    return step(block, hidden, encoder, temb, rotary)
             encoder, hidden = _through_module_call(block, run, hidden, encoder, temb)
     scale, shift = _adaln_chunks(model.norm_out, temb, 2, cast_to=hidden[0].dtype)
     out = dual_linear(model.proj_out, *_ln_modulate(model.norm_out.norm.eps, hidden, scale, shift))
